@@ -1,0 +1,51 @@
+"""runtimes: one encode API for Dewey models over PyTorch, ONNX Runtime and TensorRT backends.
+
+This package owns everything that must be identical across backends (tokenization, prompts, chunking,
+span computation, batching, padding, normalisation, the output modes); a backend owns only the forward
+pass. Importing it needs numpy and tokenizers only: torch and the rest load with the backend that
+needs them.
+
+    from runtimes import load
+    enc = load("path/to/checkpoint", backend="torch")
+    vectors = enc.encode(["some text"], mode="mean", prompt="passage")
+    docs = enc.encode_chunks(["a long text ..."], chunk_size=256, chunk_overlap=64)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .backends import available_backends, get_backend_class
+from .config import DeweyConfig, ModelFileError, load_config
+from .encoder import ChunkedDocument, Encoder, TruncationWarning
+from .tokenization import DeweyTokenizer
+
+__all__ = [
+    "ChunkedDocument",
+    "DeweyConfig",
+    "Encoder",
+    "ModelFileError",
+    "TruncationWarning",
+    "available_backends",
+    "load",
+]
+
+
+def load(path: str | Path, backend: str = "torch", device=None, dtype=None) -> Encoder:
+    """Load a Dewey model folder (a checkpoint) into an Encoder running on ``backend``.
+
+    device: ``cpu`` (default) or ``cuda[:N]``; dtype: ``float32`` (default) or ``bfloat16``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFileError(f"{path} is not a folder (expected a Dewey checkpoint or export folder)")
+    backend_class = get_backend_class(backend)
+    config = load_config(path)
+    tokenizer = DeweyTokenizer.from_folder(path, config)
+    engine = backend_class.from_folder(path, config=config, device=device, dtype=dtype)
+    if engine.vector_size != config.vector_size:
+        raise ModelFileError(
+            f"{path}: the {backend} model gives {engine.vector_size}-d vectors but config.json says "
+            f"vector_size={config.vector_size}"
+        )
+    return Encoder(config, tokenizer, engine)

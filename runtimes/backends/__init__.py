@@ -1,0 +1,50 @@
+"""Backends: each owns exactly one thing, the forward pass (DESIGN.md, "The backend contract").
+
+    forward(input_ids int64[B, S], attention_mask int64[B, S], span_bounds int64[B, C, 2])
+        -> cls float32[B, D], spans float32[B, C, D]
+
+``spans[b, c]`` is the head applied to the mean of the final hidden states of tokens
+``span_bounds[b, c, 0] .. span_bounds[b, c, 1] - 1`` (an empty span gives zeros); ``cls[b]`` is the head
+applied to token 0. Nothing is normalised. A backend module is imported only when it is asked for, so
+its heavy dependencies (torch, onnxruntime, tensorrt) cost nothing to users of the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+import numpy as np
+
+# name -> ("module:class", the pip extra that installs its dependencies); imported lazily.
+_BACKENDS = {
+    "torch": ("runtimes.backends.torch_backend:TorchBackend", "torch"),
+}
+
+
+class Backend(Protocol):
+    name: str
+    vector_size: int
+
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, span_bounds: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def available_backends() -> tuple[str, ...]:
+    return tuple(_BACKENDS)
+
+
+def get_backend_class(name: str):
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(_BACKENDS)}")
+    target, extra = _BACKENDS[name]
+    module_name, class_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(
+            f"backend {name!r} needs the package {exc.name!r}, which is not installed: "
+            f"pip install 'dewey[{extra}]'"
+        ) from exc
+    return getattr(module, class_name)

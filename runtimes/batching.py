@@ -1,0 +1,54 @@
+"""Batching: which rows run together, and the padded arrays a backend receives.
+
+Rows are sorted by length (longest first, so a batch that does not fit in memory fails at once, not at
+the end of a long job), then packed into batches capped both by a row count and by a token budget on
+the padded batch (rows x longest row), like TEI's ``max_batch_tokens``. A row longer than the budget
+runs alone. Results are put back in input order by the caller.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Padded tokens per batch: 16384 is TEI's default max_batch_tokens and keeps a batch of a 400M-parameter
+# encoder within a few GiB of activations at short lengths.
+DEFAULT_MAX_BATCH_TOKENS = 16384
+DEFAULT_BATCH_SIZE = 32
+
+
+def plan_batches(lengths, batch_size: int = DEFAULT_BATCH_SIZE, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
+    """Split row indices into batches: sorted longest first, at most ``batch_size`` rows and at most
+    ``max_batch_tokens`` padded tokens each (a single longer row makes a batch of one)."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}")
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    batches, current, longest = [], [], 0
+    for index in order.tolist():
+        length = int(lengths[index])
+        # Sorted longest first, so the batch's padded length is that of its first row.
+        width = longest or length
+        if current and (len(current) >= batch_size or (len(current) + 1) * width > max_batch_tokens):
+            batches.append(current)
+            current, longest = [], 0
+        current.append(index)
+        longest = longest or length
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad_batch(rows: list[np.ndarray], spans: list[np.ndarray], pad_token_id: int):
+    """Right-pad rows into ``input_ids``/``attention_mask`` [B, S] and spans into ``span_bounds``
+    [B, C, 2] with empty ``(0, 0)`` spans, all int64 (the backend contract)."""
+    seq = max(len(r) for r in rows)
+    n_spans = max(len(s) for s in spans)
+    input_ids = np.full((len(rows), seq), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(rows), seq), dtype=np.int64)
+    span_bounds = np.zeros((len(rows), n_spans, 2), dtype=np.int64)
+    for b, (row, row_spans) in enumerate(zip(rows, spans)):
+        input_ids[b, : len(row)] = row
+        attention_mask[b, : len(row)] = 1
+        span_bounds[b, : len(row_spans)] = row_spans
+    return input_ids, attention_mask, span_bounds

@@ -1,0 +1,97 @@
+"""Chunk spans for late chunking, in tokens of the model's tokenizer.
+
+A splitter turns one tokenized text into token spans ``(start, end)`` (end exclusive, indices into the
+text's own tokens: no [CLS], no prompt). Character spans follow from the token offsets, so every chunk
+maps back to a slice of the caller's original string.
+
+- ``tokens``: fixed windows of ``chunk_size`` tokens, stepping ``chunk_size - chunk_overlap``, on token
+  ids (the authors' retrieval setting is 256 / 64).
+- ``recursive``: boundaries at paragraphs, then lines, sentences, words, as the maintained
+  semantic-text-splitter library finds them with the model's own tokenizer counting the size; overlap
+  in tokens. The library measures each chunk tokenized alone; inside the whole text a boundary token
+  can differ, so a span is clipped to ``chunk_size`` tokens if needed: a span never exceeds it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SPLITTERS = ("tokens", "recursive")
+
+
+def check_chunk_args(chunk_size, chunk_overlap, splitter: str) -> None:
+    if splitter not in SPLITTERS:
+        raise ValueError(f"splitter must be one of {SPLITTERS}, got {splitter!r}")
+    for name, value in (("chunk_size", chunk_size), ("chunk_overlap", chunk_overlap)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if chunk_overlap < 0:
+        raise ValueError(f"chunk_overlap must be >= 0, got {chunk_overlap}")
+    if chunk_overlap >= chunk_size:
+        raise ValueError(
+            f"chunk_overlap ({chunk_overlap}) must be smaller than chunk_size ({chunk_size}), "
+            "or the windows would never advance"
+        )
+
+
+def token_windows(n_tokens: int, chunk_size: int, chunk_overlap: int) -> np.ndarray:
+    """Windows of ``chunk_size`` over ``n_tokens``, each starting ``chunk_size - chunk_overlap`` after the
+    last; the final window ends at ``n_tokens`` (it may be shorter). Returns int64 [n_chunks, 2]."""
+    step = chunk_size - chunk_overlap
+    spans = []
+    start = 0
+    while True:
+        end = min(start + chunk_size, n_tokens)
+        spans.append((start, end))
+        if end == n_tokens:
+            break
+        start += step
+    return np.asarray(spans, dtype=np.int64)
+
+
+def spans_from_char_ranges(offsets: np.ndarray, char_ranges, chunk_size: int) -> np.ndarray:
+    """Token spans of the tokens that overlap each character range, clipped to ``chunk_size`` tokens.
+
+    Token offsets are non-decreasing, so both ends come from binary searches.
+    """
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    spans = []
+    for char_start, char_end in char_ranges:
+        first = int(np.searchsorted(ends, char_start, side="right"))
+        last = int(np.searchsorted(starts, char_end, side="left"))
+        if last > first:
+            spans.append((first, min(last, first + chunk_size)))
+    return np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+
+
+def char_spans(offsets: np.ndarray, token_spans: np.ndarray) -> np.ndarray:
+    """Character span of each token span: from its first token's start to its last token's end."""
+    if len(token_spans) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    return np.stack([offsets[token_spans[:, 0], 0], offsets[token_spans[:, 1] - 1, 1]], axis=1)
+
+
+class RecursiveSplitter:
+    """semantic-text-splitter over the model tokenizer; one splitter per (size, overlap), cached."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self._splitters = {}
+
+    def char_ranges(self, text: str, chunk_size: int, chunk_overlap: int) -> list[tuple[int, int]]:
+        key = (chunk_size, chunk_overlap)
+        if key not in self._splitters:
+            try:
+                from semantic_text_splitter import TextSplitter
+            except ImportError as exc:
+                raise ImportError(
+                    "splitter='recursive' needs the semantic-text-splitter package: "
+                    "pip install semantic-text-splitter"
+                ) from exc
+            self._splitters[key] = TextSplitter.from_huggingface_tokenizer(
+                self._tokenizer, chunk_size, overlap=chunk_overlap
+            )
+        # chunk_indices gives character offsets (Python str indices) of each trimmed chunk.
+        return [(start, start + len(chunk)) for start, chunk in self._splitters[key].chunk_indices(text)]

@@ -1,0 +1,232 @@
+"""The Encoder: everything that must be identical across backends.
+
+Tokenization, prompts, chunk spans, batching, padding, the single-vector modes and normalisation live
+here; a backend only runs the forward pass (``runtimes.backends``). So two backends that disagree can
+only disagree in their forward.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from .batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, pad_batch, plan_batches
+from .chunking import RecursiveSplitter, char_spans, check_chunk_args, spans_from_char_ranges, token_windows
+from .config import SINGLE_VECTOR_TYPES, DeweyConfig
+from .tokenization import DeweyTokenizer, TextTokens, check_texts
+
+# Progress bars appear by themselves from this many batches on, when stderr is a terminal.
+AUTO_PROGRESS_MIN_BATCHES = 8
+
+
+class TruncationWarning(UserWarning):
+    """Some input was longer than ``max_length`` and was cut."""
+
+
+@dataclass
+class ChunkedDocument:
+    """Late-chunking result for one text.
+
+    ``token_spans`` index the text's own tokens (no [CLS], no prompt); ``char_spans`` index the original
+    string, so ``text[a:b] == texts[j]``; ``truncated_tokens`` counts text tokens cut by ``max_length``.
+    """
+
+    vectors: np.ndarray  # float32 [n_chunks, D]
+    token_spans: list[tuple[int, int]]
+    char_spans: list[tuple[int, int]]
+    texts: list[str]
+    truncated_tokens: int = 0
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norm, np.finfo(x.dtype).tiny)
+
+
+class Encoder:
+    """One encode API over any backend (see ``runtimes.load``)."""
+
+    def __init__(self, config: DeweyConfig, tokenizer: DeweyTokenizer, backend):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self._recursive = RecursiveSplitter(tokenizer.tokenizer)
+
+    @property
+    def vector_size(self) -> int:
+        return self.config.vector_size
+
+    def __repr__(self) -> str:
+        return f"Encoder(backend={self.backend!r}, vector_size={self.vector_size})"
+
+    def encode(
+        self,
+        texts,
+        mode: str | None = None,
+        prompt: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_length: int | None = None,
+        normalize: bool = True,
+        show_progress: bool | None = None,
+        truncate: bool = True,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    ) -> np.ndarray:
+        """One vector per text: float32 [N, D] (or [D] for a single string), in input order.
+
+        mode: ``cls``, ``mean`` (text tokens only) or ``cls_add_mean`` =
+        normalize(normalize(cls) + normalize(mean)); default: the model's ``single_vector_type``.
+        prompt: a prompt name of the model (``query``, ``passage``), a literal string, or None.
+        truncate: cut texts longer than ``max_length`` (default: the model's maximum) and warn with a
+        ``TruncationWarning``; with False such a text raises ValueError instead.
+        """
+        mode = self.config.single_vector_type if mode is None else mode
+        if mode not in SINGLE_VECTOR_TYPES:
+            raise ValueError(f"mode must be one of {SINGLE_VECTOR_TYPES}, got {mode!r}")
+        texts, single = check_texts(texts)
+        if not texts:
+            return np.zeros((0, self.vector_size), dtype=np.float32)
+        prompt_ids = self.tokenizer.prompt_ids(prompt)
+        budget = self._text_budget(prompt_ids, max_length)
+        tokens = self.tokenizer.encode_texts(texts)
+        kept = self._apply_truncation(tokens, budget, truncate, max_length)
+        start = 1 + len(prompt_ids)
+        rows = [self.tokenizer.row(prompt_ids, t.ids[:n]) for t, n in zip(tokens, kept)]
+        spans = [np.array([[start, start + n]], dtype=np.int64) for n in kept]
+        cls, means = self._forward_rows(rows, spans, batch_size, max_batch_tokens, show_progress)
+        mean = np.stack([m[0] for m in means])
+        if mode == "cls":
+            out = cls
+        elif mode == "mean":
+            out = mean
+        else:
+            out = l2_normalize(cls) + l2_normalize(mean)
+        if normalize:
+            out = l2_normalize(out)
+        out = out.astype(np.float32, copy=False)
+        return out[0] if single else out
+
+    def encode_chunks(
+        self,
+        texts,
+        chunk_size: int = 256,
+        chunk_overlap: int = 64,
+        splitter: str = "tokens",
+        prompt: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_length: int | None = None,
+        normalize: bool = True,
+        show_progress: bool | None = None,
+        truncate: bool = True,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    ) -> list[ChunkedDocument] | ChunkedDocument:
+        """Late chunking: one pass over each whole text, one vector per chunk (the mean of its tokens).
+
+        chunk_size and chunk_overlap count tokens of the model's tokenizer; splitter is ``tokens``
+        (fixed windows on token ids) or ``recursive`` (paragraph, line, sentence, word boundaries).
+        """
+        check_chunk_args(chunk_size, chunk_overlap, splitter)
+        texts, single = check_texts(texts)
+        if not texts:
+            return []
+        prompt_ids = self.tokenizer.prompt_ids(prompt)
+        budget = self._text_budget(prompt_ids, max_length)
+        tokens = self.tokenizer.encode_texts(texts)
+        kept = self._apply_truncation(tokens, budget, truncate, max_length)
+        start = 1 + len(prompt_ids)
+        rows, token_spans = [], []
+        for text, tok, n in zip(texts, tokens, kept):
+            rows.append(self.tokenizer.row(prompt_ids, tok.ids[:n]))
+            token_spans.append(self._chunk_spans(text, tok, n, chunk_size, chunk_overlap, splitter))
+        _, chunk_vectors = self._forward_rows(
+            rows, [s + start for s in token_spans], batch_size, max_batch_tokens, show_progress
+        )
+        docs = []
+        for text, tok, n, spans, vectors in zip(texts, tokens, kept, token_spans, chunk_vectors):
+            chars = char_spans(tok.offsets, spans)
+            if normalize:
+                vectors = l2_normalize(vectors)
+            docs.append(
+                ChunkedDocument(
+                    vectors=vectors.astype(np.float32, copy=False),
+                    token_spans=[(int(a), int(b)) for a, b in spans],
+                    char_spans=[(int(a), int(b)) for a, b in chars],
+                    texts=[text[a:b] for a, b in chars],
+                    truncated_tokens=len(tok.ids) - n,
+                )
+            )
+        return docs[0] if single else docs
+
+    # -- shared steps --------------------------------------------------------------------------
+
+    def _text_budget(self, prompt_ids: np.ndarray, max_length: int | None) -> int:
+        limit = self.config.max_position_embeddings
+        if max_length is None:
+            max_length = limit
+        elif not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+        elif max_length > limit:
+            raise ValueError(f"max_length={max_length} exceeds the model's maximum of {limit} positions")
+        return self.tokenizer.text_budget(prompt_ids, max_length)
+
+    def _apply_truncation(self, tokens: list[TextTokens], budget: int, truncate: bool, max_length) -> list[int]:
+        """Text tokens kept per text; warn about the cut ones, or raise when truncation is off."""
+        kept = [min(len(t.ids), budget) for t in tokens]
+        cut = [i for i, (t, n) in enumerate(zip(tokens, kept)) if n < len(t.ids)]
+        if cut and not truncate:
+            i = cut[0]
+            raise ValueError(
+                f"texts[{i}] has {len(tokens[i].ids)} tokens but only {budget} fit in max_length="
+                f"{max_length or self.config.max_position_embeddings} (with [CLS], [SEP] and the prompt); "
+                f"{len(cut)} text(s) are too long. Pass truncate=True to cut them, or split them with encode_chunks"
+            )
+        if cut:
+            dropped = sum(len(tokens[i].ids) - kept[i] for i in cut)
+            warnings.warn(
+                f"{len(cut)} of {len(tokens)} texts exceeded {budget} text tokens and were truncated "
+                f"({dropped} tokens dropped; first: texts[{cut[0]}]). Pass truncate=False to raise instead.",
+                TruncationWarning,
+                stacklevel=3,
+            )
+        return kept
+
+    def _chunk_spans(self, text, tok: TextTokens, n: int, chunk_size, chunk_overlap, splitter) -> np.ndarray:
+        if splitter == "tokens":
+            return token_windows(n, chunk_size, chunk_overlap)
+        # Split only the text that survived truncation: up to the end of the last kept token.
+        visible = text[: int(tok.offsets[n - 1, 1])]
+        ranges = self._recursive.char_ranges(visible, chunk_size, chunk_overlap)
+        spans = spans_from_char_ranges(tok.offsets[:n], ranges, chunk_size)
+        # A text the splitter finds nothing in (it trims whitespace) still gets one chunk.
+        return spans if len(spans) else token_windows(n, chunk_size, 0)
+
+    def _forward_rows(self, rows, spans, batch_size, max_batch_tokens, show_progress):
+        """Run rows through the backend in length-sorted batches; results in input order:
+        cls float64 [N, D] and a list of span vectors [C_i, D]."""
+        batches = plan_batches([len(r) for r in rows], batch_size, max_batch_tokens)
+        cls = np.zeros((len(rows), self.vector_size), dtype=np.float64)
+        span_vectors: list = [None] * len(rows)
+        for batch in self._progress(batches, show_progress):
+            ids, mask, bounds = pad_batch(
+                [rows[i] for i in batch], [spans[i] for i in batch], self.config.pad_token_id
+            )
+            batch_cls, batch_spans = self.backend.forward(ids, mask, bounds)
+            for j, i in enumerate(batch):
+                cls[i] = batch_cls[j]
+                span_vectors[i] = np.asarray(batch_spans[j, : len(spans[i])], dtype=np.float64)
+        return cls, span_vectors
+
+    @staticmethod
+    def _progress(batches, show_progress):
+        if show_progress is None:
+            show_progress = len(batches) >= AUTO_PROGRESS_MIN_BATCHES and sys.stderr.isatty()
+        if not show_progress:
+            return batches
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            warnings.warn("show_progress needs the tqdm package (pip install tqdm); continuing without a bar")
+            return batches
+        return tqdm(batches, desc="Batches", unit="batch")

@@ -1,0 +1,110 @@
+"""Small deterministic Dewey checkpoints built offline, for tests, examples and benchmarks.
+
+The tokenizer is a byte-level BPE (the kind ModernBERT uses) trained on the Python standard library's
+own documentation (``pydoc_data``), so it needs no download and every machine builds the same one. It
+carries ModernBERT-style special tokens and Dewey's two instruction tokens. The model has random
+weights from a fixed seed: the vectors mean nothing, but every code path runs as with the real model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import DEWEY_INSTRUCTION_TOKENS, DEWEY_PROMPTS
+from .files import atomic_path
+from .tokenization import TOKENIZER_FILE
+
+SPECIAL_TOKENS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
+TEST_VOCAB_SIZE = 1024
+
+
+def _corpus() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def build_test_tokenizer(vocab_size: int = TEST_VOCAB_SIZE):
+    """A deterministic byte-level BPE ``tokenizers.Tokenizer`` with [CLS]=1, [SEP]=2, [PAD]=3."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(DEWEY_INSTRUCTION_TOKENS),
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer)
+    tokenizer.add_special_tokens(list(DEWEY_INSTRUCTION_TOKENS))
+    return tokenizer
+
+
+def test_config(
+    vocab_size: int,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 3,
+    num_attention_heads: int = 2,
+    intermediate_size: int = 48,
+    local_attention: int = 16,
+    vector_size: int = 48,
+    max_position_embeddings: int = 1024,
+) -> dict:
+    """A config.json dict of a tiny Dewey model: ModernBERT keys plus the Dewey fields."""
+    return {
+        "model_type": "modernbert",
+        "architectures": ["ModernBertModel"],
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "local_attention": local_attention,
+        "global_attn_every_n_layers": 3,
+        "global_rope_theta": 73780400.0,
+        "local_rope_theta": 10000.0,
+        "max_position_embeddings": max_position_embeddings,
+        "norm_eps": 1e-5,
+        "cls_token_id": SPECIAL_TOKENS.index("[CLS]"),
+        "bos_token_id": SPECIAL_TOKENS.index("[CLS]"),
+        "sep_token_id": SPECIAL_TOKENS.index("[SEP]"),
+        "eos_token_id": SPECIAL_TOKENS.index("[SEP]"),
+        "pad_token_id": SPECIAL_TOKENS.index("[PAD]"),
+        "vector_size": vector_size,
+        "single_vector_type": "cls_add_mean",
+        "prompts": dict(DEWEY_PROMPTS),
+        "instruction_tokens": list(DEWEY_INSTRUCTION_TOKENS),
+    }
+
+
+def make_test_checkpoint(folder: str | Path, seed: int = 0, **config_overrides) -> Path:
+    """Write a tiny random Dewey checkpoint (config.json, model.safetensors, tokenizer.json) to ``folder``.
+
+    ``config_overrides`` go to ``test_config`` (hidden_size, num_hidden_layers, vector_size, ...).
+    """
+    import torch
+
+    from .modeling import DeweyModel, backbone_config
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_test_tokenizer()
+    raw = test_config(tokenizer.get_vocab_size(with_added_tokens=True), **config_overrides)
+    torch.manual_seed(seed)
+    model = DeweyModel(backbone_config(raw)).eval()
+    model.save_pretrained(folder)
+    with atomic_path(folder / TOKENIZER_FILE) as tmp:
+        tokenizer.save(tmp)
+    with atomic_path(folder / "tokenizer_config.json") as tmp:
+        Path(tmp).write_text(
+            json.dumps(
+                {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
+                 "mask_token": "[MASK]", "model_max_length": raw["max_position_embeddings"]},
+                indent=2,
+            ) + "\n",
+            encoding="utf-8",
+        )
+    return folder

@@ -1,0 +1,132 @@
+"""Tokenization, prompts and input rows: the Rust ``tokenizers`` library on ``tokenizer.json``.
+
+A row is ``[CLS] prompt text [SEP]``. Prompt and text are tokenized separately and joined, so the
+boundary between them is exact: the text tokens are a known range of the row, their character offsets
+point into the caller's original string, and prompt tokens can never be pooled. With Dewey's prompts
+(they end in the special token ``<|END_INSTRUCTION|>``) this gives the same ids as tokenizing the
+concatenated string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import DeweyConfig, ModelFileError
+
+TOKENIZER_FILE = "tokenizer.json"
+# Tokens around the text in every row: [CLS] at the start, [SEP] at the end.
+SPECIAL_TOKENS_PER_ROW = 2
+# Prompt names users pass by name; never taken as literal prompt text.
+STANDARD_PROMPT_NAMES = ("query", "passage")
+
+
+@dataclass(frozen=True)
+class TextTokens:
+    """The tokens of one text, without special tokens or prompt."""
+
+    ids: np.ndarray  # int64 [n]
+    offsets: np.ndarray  # int64 [n, 2], character offsets into the original text, end exclusive
+
+
+def check_texts(texts) -> tuple[list[str], bool]:
+    """Validate user input; return the texts as a list and whether a single string was given."""
+    if isinstance(texts, str):
+        texts, single = [texts], True
+    elif texts is None or isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Iterable):
+        raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
+    else:
+        texts, single = list(texts), False
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+        if not text.strip():
+            raise ValueError(f"texts[{i}] is empty or only whitespace: there is nothing to embed")
+    return texts, single
+
+
+class DeweyTokenizer:
+    """The model's tokenizer with its prompts, producing input rows for the backends."""
+
+    def __init__(self, tokenizer, config: DeweyConfig):
+        # tokenizer.json may carry truncation and padding settings that tokenizers obeys silently
+        # (FACTS.md: all-MiniLM-L6-v2's file cuts every text to 128 tokens): switch both off.
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        if tokenizer.get_vocab_size(with_added_tokens=True) > config.vocab_size:
+            raise ModelFileError(
+                f"tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens but the model's "
+                f"vocab_size is {config.vocab_size}: tokenizer.json does not belong to this model"
+            )
+        for token in config.instruction_tokens:
+            if tokenizer.token_to_id(token) is None:
+                raise ModelFileError(f"instruction token {token!r} from config.json is not in tokenizer.json")
+        self.tokenizer = tokenizer
+        self.config = config
+        self._prompt_cache: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, config: DeweyConfig) -> "DeweyTokenizer":
+        from tokenizers import Tokenizer
+
+        path = Path(folder) / TOKENIZER_FILE
+        if not path.is_file():
+            raise ModelFileError(f"{Path(folder)} has no {TOKENIZER_FILE}")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
+            raise ModelFileError(f"{path} is not a readable tokenizer file: {exc}") from exc
+        return cls(tokenizer, config)
+
+    def resolve_prompt(self, prompt: str | None) -> str:
+        """A prompt name from the model's config (``query``, ``passage``, ...) or a literal prompt string."""
+        if prompt is None:
+            return ""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a prompt name, a string or None, got {type(prompt).__name__}")
+        if prompt in self.config.prompts:
+            return self.config.prompts[prompt]
+        if prompt in STANDARD_PROMPT_NAMES:
+            # Taking "query" as literal text would silently embed the wrong thing.
+            raise ValueError(
+                f"this model's config.json defines no prompt named {prompt!r} "
+                f"(it has: {sorted(self.config.prompts) or 'none'}); pass the prompt text itself"
+            )
+        return prompt
+
+    def prompt_ids(self, prompt: str | None) -> np.ndarray:
+        text = self.resolve_prompt(prompt)
+        if text not in self._prompt_cache:
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
+            self._prompt_cache[text] = np.asarray(ids, dtype=np.int64)
+        return self._prompt_cache[text]
+
+    def encode_texts(self, texts: list[str]) -> list[TextTokens]:
+        """Tokenize texts (no special tokens), in parallel in the Rust library."""
+        out = []
+        for i, enc in enumerate(self.tokenizer.encode_batch(texts, add_special_tokens=False)):
+            if not enc.ids:
+                raise ValueError(f"texts[{i}] produced no tokens: there is nothing to embed")
+            out.append(
+                TextTokens(np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2))
+            )
+        return out
+
+    def text_budget(self, prompt_ids: np.ndarray, max_length: int) -> int:
+        """How many text tokens fit in a row of ``max_length`` beside the special tokens and prompt."""
+        budget = max_length - SPECIAL_TOKENS_PER_ROW - len(prompt_ids)
+        if budget < 1:
+            raise ValueError(
+                f"max_length={max_length} leaves no room for text after [CLS], [SEP] and a prompt of "
+                f"{len(prompt_ids)} tokens"
+            )
+        return budget
+
+    def row(self, prompt_ids: np.ndarray, text_ids: np.ndarray) -> np.ndarray:
+        """``[CLS] prompt text [SEP]`` as int64 ids; the text starts at ``1 + len(prompt_ids)``."""
+        return np.concatenate(
+            [[self.config.cls_token_id], prompt_ids, text_ids, [self.config.sep_token_id]]
+        ).astype(np.int64)
