@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .validation import require_int
+
 # Padded tokens per batch: 16384 is TEI's default max_batch_tokens and keeps a batch of a 400M-parameter
 # encoder within a few GiB of activations at short lengths.
 DEFAULT_MAX_BATCH_TOKENS = 16384
@@ -19,10 +21,8 @@ DEFAULT_BATCH_SIZE = 32
 def plan_batches(lengths, batch_size: int = DEFAULT_BATCH_SIZE, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
     """Split row indices into batches: sorted longest first, at most ``batch_size`` rows and at most
     ``max_batch_tokens`` padded tokens each (a single longer row makes a batch of one)."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
-        raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}")
+    batch_size = require_int("batch_size", batch_size, 1)
+    max_batch_tokens = require_int("max_batch_tokens", max_batch_tokens, 1)
     order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
     batches, current, longest = [], [], 0
     for index in order.tolist():

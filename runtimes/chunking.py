@@ -9,12 +9,15 @@ maps back to a slice of the caller's original string.
 - ``recursive``: boundaries at paragraphs, then lines, sentences, words, as the maintained
   semantic-text-splitter library finds them with the model's own tokenizer counting the size; overlap
   in tokens. The library measures each chunk tokenized alone; inside the whole text a boundary token
-  can differ, so a span is clipped to ``chunk_size`` tokens if needed: a span never exceeds it.
+  can tokenize differently, so a chunk that comes out longer than ``chunk_size`` in context is split
+  into windows: a span never exceeds ``chunk_size`` and no token is left out.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .validation import require_int
 
 SPLITTERS = ("tokens", "recursive")
 
@@ -22,13 +25,8 @@ SPLITTERS = ("tokens", "recursive")
 def check_chunk_args(chunk_size, chunk_overlap, splitter: str) -> None:
     if splitter not in SPLITTERS:
         raise ValueError(f"splitter must be one of {SPLITTERS}, got {splitter!r}")
-    for name, value in (("chunk_size", chunk_size), ("chunk_overlap", chunk_overlap)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if chunk_overlap < 0:
-        raise ValueError(f"chunk_overlap must be >= 0, got {chunk_overlap}")
+    require_int("chunk_size", chunk_size, 1)
+    require_int("chunk_overlap", chunk_overlap, 0)
     if chunk_overlap >= chunk_size:
         raise ValueError(
             f"chunk_overlap ({chunk_overlap}) must be smaller than chunk_size ({chunk_size}), "
@@ -41,6 +39,8 @@ def token_windows(n_tokens: int, chunk_size: int, chunk_overlap: int) -> np.ndar
     last; the final window ends at ``n_tokens`` (it may be shorter). Returns int64 [n_chunks, 2]."""
     step = chunk_size - chunk_overlap
     spans = []
+    if n_tokens <= 0:
+        return np.zeros((0, 2), dtype=np.int64)
     start = 0
     while True:
         end = min(start + chunk_size, n_tokens)
@@ -51,18 +51,22 @@ def token_windows(n_tokens: int, chunk_size: int, chunk_overlap: int) -> np.ndar
     return np.asarray(spans, dtype=np.int64)
 
 
-def spans_from_char_ranges(offsets: np.ndarray, char_ranges, chunk_size: int) -> np.ndarray:
-    """Token spans of the tokens that overlap each character range, clipped to ``chunk_size`` tokens.
+def spans_from_char_ranges(offsets: np.ndarray, char_ranges, chunk_size: int, chunk_overlap: int = 0) -> np.ndarray:
+    """Token spans of the tokens that overlap each character range.
 
-    Token offsets are non-decreasing, so both ends come from binary searches.
+    Token offsets are non-decreasing, so both ends come from binary searches. A range that takes more
+    than ``chunk_size`` tokens in context is split into windows of ``chunk_size`` (with
+    ``chunk_overlap``), so no span is too long and no token is dropped.
     """
     starts, ends = offsets[:, 0], offsets[:, 1]
     spans = []
     for char_start, char_end in char_ranges:
         first = int(np.searchsorted(ends, char_start, side="right"))
         last = int(np.searchsorted(starts, char_end, side="left"))
-        if last > first:
-            spans.append((first, min(last, first + chunk_size)))
+        if last - first > chunk_size:
+            spans.extend(first + token_windows(last - first, chunk_size, chunk_overlap))
+        elif last > first:
+            spans.append((first, last))
     return np.asarray(spans, dtype=np.int64).reshape(-1, 2)
 
 

@@ -17,6 +17,7 @@ from .batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, pad_batch, p
 from .chunking import RecursiveSplitter, char_spans, check_chunk_args, spans_from_char_ranges, token_windows
 from .config import SINGLE_VECTOR_TYPES, DeweyConfig
 from .tokenization import DeweyTokenizer, TextTokens, check_texts
+from .validation import require_int
 
 # Progress bars appear by themselves from this many batches on, when stderr is a terminal.
 AUTO_PROGRESS_MIN_BATCHES = 8
@@ -165,9 +166,7 @@ class Encoder:
         limit = self.config.max_position_embeddings
         if max_length is None:
             max_length = limit
-        elif not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
-            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
-        elif max_length > limit:
+        elif require_int("max_length", max_length, 1) > limit:
             raise ValueError(f"max_length={max_length} exceeds the model's maximum of {limit} positions")
         return self.tokenizer.text_budget(prompt_ids, max_length)
 
@@ -198,7 +197,7 @@ class Encoder:
         # Split only the text that survived truncation: up to the end of the last kept token.
         visible = text[: int(tok.offsets[n - 1, 1])]
         ranges = self._recursive.char_ranges(visible, chunk_size, chunk_overlap)
-        spans = spans_from_char_ranges(tok.offsets[:n], ranges, chunk_size)
+        spans = spans_from_char_ranges(tok.offsets[:n], ranges, chunk_size, chunk_overlap)
         # A text the splitter finds nothing in (it trims whitespace) still gets one chunk.
         return spans if len(spans) else token_windows(n, chunk_size, 0)
 

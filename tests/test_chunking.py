@@ -1,0 +1,404 @@
+"""Late chunking: token spans, character spans and chunk vectors of ``Encoder.encode_chunks``.
+
+Spans index the text's own tokens (from ``encoder.tokenizer.encode_texts``), character spans slice the
+caller's original string, and both splitters (``tokens``, ``recursive``) keep those promises, with
+prompts, unicode and truncation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtimes import TruncationWarning
+from runtimes.chunking import char_spans, spans_from_char_ranges, token_windows
+
+UNICODE_TEXT = "Grüße 🙂 日本語. " * 30 + "Ünïcödé ends here 🙂."
+
+# A text of paragraphs that each fit easily in 32 tokens, but no two of which fit together.
+_WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+PARAGRAPHS = [" ".join(_WORDS[(i + j) % 12] for j in range(6 + i % 4)) + "." for i in range(10)]
+PARAGRAPH_TEXT = "\n\n".join(PARAGRAPHS)
+
+
+def text_tokens(encoder, text):
+    tokens = encoder.tokenizer.encode_texts([text])[0]
+    return tokens.ids, tokens.offsets
+
+
+@pytest.fixture(scope="module")
+def doc_text(long_text):
+    """Real prose with unicode at the end, a few hundred tokens: fits the model without truncation."""
+    return long_text[:2400] + " Grüße 🙂 日本語, fin."
+
+
+@pytest.fixture(scope="module")
+def doc_tokens(encoder, doc_text):
+    ids, offsets = text_tokens(encoder, doc_text)
+    assert 300 < len(ids) < 1000  # the fixture's premise: long enough to chunk, short enough to fit
+    return ids, offsets
+
+
+def check_spans_map_back(encoder, text, doc):
+    """The invariants every ChunkedDocument must keep, whatever the splitter."""
+    ids, offsets = text_tokens(encoder, text)
+    n = len(ids) - doc.truncated_tokens
+    assert len(doc.token_spans) == len(doc.char_spans) == len(doc.texts) == len(doc.vectors) >= 1
+    for (a, b), (ca, cb), chunk in zip(doc.token_spans, doc.char_spans, doc.texts):
+        assert 0 <= a < b <= n
+        assert ca == offsets[a, 0], "a chunk's char span must start at its first token's start"
+        assert cb == offsets[b - 1, 1], "a chunk's char span must end at its last token's end"
+        assert text[ca:cb] == chunk
+    assert doc.vectors.dtype == np.float32
+    assert doc.vectors.shape == (len(doc.token_spans), encoder.vector_size)
+    np.testing.assert_allclose(np.linalg.norm(doc.vectors, axis=1), 1.0, atol=1e-5)
+
+
+def assert_covers_non_whitespace(text, doc, end=None):
+    """Every non-whitespace character of text[:end] lies inside some chunk's char span."""
+    end = len(text) if end is None else end
+    covered = np.zeros(len(text), dtype=bool)
+    for a, b in doc.char_spans:
+        covered[a:b] = True
+    missing = [i for i in range(end) if not covered[i] and not text[i].isspace()]
+    assert not missing, f"characters in no chunk: {[(i, text[i]) for i in missing[:10]]}"
+
+
+# -- the tokens splitter ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size, chunk_overlap", [(64, 16), (32, 0), (7, 3), (1, 0), (50, 49)])
+def test_token_windows_step_overlap_and_cover(encoder, doc_text, doc_tokens, chunk_size, chunk_overlap):
+    """tokens splitter: windows of chunk_size stepping size - overlap, overlapping by exactly overlap,
+    covering every token 0..n-1, the last ending at n."""
+    n = len(doc_tokens[0])
+    doc = encoder.encode_chunks(doc_text, chunk_size=chunk_size, chunk_overlap=chunk_overlap, splitter="tokens")
+    spans = doc.token_spans
+    step = chunk_size - chunk_overlap
+    assert [a for a, _ in spans] == list(range(0, step * len(spans), step))
+    assert all(b - a == chunk_size for a, b in spans[:-1])
+    assert 1 <= spans[-1][1] - spans[-1][0] <= chunk_size
+    assert spans[-1][1] == n
+    for (a0, b0), (a1, b1) in zip(spans, spans[1:]):
+        assert b0 - a1 == chunk_overlap
+    covered = np.zeros(n, dtype=bool)
+    for a, b in spans:
+        covered[a:b] = True
+    assert covered.all()
+    assert doc.truncated_tokens == 0
+    check_spans_map_back(encoder, doc_text, doc)
+
+
+def test_token_windows_short_text_is_one_chunk(encoder):
+    """A text shorter than chunk_size gives one chunk spanning all of it."""
+    text = "A short sentence, well under the chunk size."
+    ids, _ = text_tokens(encoder, text)
+    doc = encoder.encode_chunks(text, chunk_size=256, chunk_overlap=64, splitter="tokens")
+    assert doc.token_spans == [(0, len(ids))]
+    assert doc.texts == [text]
+    assert doc.char_spans == [(0, len(text))]
+
+
+@pytest.mark.parametrize("prompt", [None, "passage"])
+def test_single_chunk_vector_is_mean_mode_vector(encoder, prompt):
+    """One chunk over the whole text is the same vector as encode(mode="mean"): both pool the text's
+    tokens (after the prompt, never the prompt itself)."""
+    text = "Late chunking pools the tokens of each chunk after one pass over the whole text."
+    doc = encoder.encode_chunks(text, chunk_size=512, chunk_overlap=0, prompt=prompt)
+    assert len(doc.token_spans) == 1
+    np.testing.assert_allclose(doc.vectors[0], encoder.encode(text, mode="mean", prompt=prompt), atol=1e-5)
+
+
+@pytest.mark.parametrize("splitter", ["tokens", "recursive"])
+def test_chunk_vectors_match_backend_on_hand_built_row(encoder, splitter):
+    """Each chunk vector is the normalised backend span mean of its tokens in [CLS] prompt text [SEP],
+    so spans are shifted past [CLS] and the prompt."""
+    text = UNICODE_TEXT[:200]
+    config = encoder.config
+    ids, _ = text_tokens(encoder, text)
+    prompt = encoder.tokenizer.prompt_ids("query")
+    doc = encoder.encode_chunks(text, chunk_size=12, chunk_overlap=3, splitter=splitter, prompt="query")
+    row = np.concatenate([[config.cls_token_id], prompt, ids, [config.sep_token_id]]).astype(np.int64)
+    bounds = np.asarray(doc.token_spans, dtype=np.int64)[None] + 1 + len(prompt)
+    _, spans = encoder.backend.forward(row[None], np.ones((1, len(row)), np.int64), bounds)
+    expected = spans[0] / np.linalg.norm(spans[0], axis=1, keepdims=True)
+    np.testing.assert_allclose(doc.vectors, expected, atol=1e-5)
+
+
+# -- the recursive splitter ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size, chunk_overlap", [(64, 16), (32, 0), (16, 4), (200, 50)])
+def test_recursive_spans_sizes_order_and_coverage(encoder, doc_text, doc_tokens, chunk_size, chunk_overlap):
+    """recursive splitter: spans of 1..chunk_size tokens within 0..n, in order, slicing the text to the
+    chunk texts, and together covering every non-whitespace character."""
+    n = len(doc_tokens[0])
+    doc = encoder.encode_chunks(doc_text, chunk_size=chunk_size, chunk_overlap=chunk_overlap, splitter="recursive")
+    spans = doc.token_spans
+    assert len(spans) >= 2
+    assert all(1 <= b - a <= chunk_size for a, b in spans)
+    assert all(0 <= a < b <= n for a, b in spans)
+    for (a0, b0), (a1, b1) in zip(spans, spans[1:]):
+        assert a0 <= a1 and b0 <= b1, "chunks must come in text order"
+    check_spans_map_back(encoder, doc_text, doc)
+    assert_covers_non_whitespace(doc_text, doc)
+
+
+def test_recursive_chunks_are_whole_paragraphs(encoder):
+    """recursive splitter: with paragraphs that fit in chunk_size, each chunk is whole paragraphs."""
+    counts = [len(text_tokens(encoder, p)[0]) for p in PARAGRAPHS]
+    chunk_size = 64
+    assert max(counts) + 2 < chunk_size  # premise: every paragraph fits
+    doc = encoder.encode_chunks(PARAGRAPH_TEXT, chunk_size=chunk_size, chunk_overlap=0, splitter="recursive")
+    count = len(PARAGRAPHS)
+    joined = {"\n\n".join(PARAGRAPHS[i:j]) for i in range(count) for j in range(i + 1, count + 1)}
+    for chunk in doc.texts:
+        assert chunk.strip() in joined, f"chunk {chunk!r} cuts through a paragraph"
+    check_spans_map_back(encoder, PARAGRAPH_TEXT, doc)
+    assert_covers_non_whitespace(PARAGRAPH_TEXT, doc)
+
+
+def test_recursive_no_chunk_spans_a_paragraph_break(encoder):
+    """recursive splitter: when every paragraph fits but no two fit together, no chunk holds "\\n\\n"."""
+    counts = [len(text_tokens(encoder, p)[0]) for p in PARAGRAPHS]
+    chunk_size = max(counts) + 4
+    assert all(a + b > chunk_size for a, b in zip(counts, counts[1:]))  # premise: pairs do not fit
+    doc = encoder.encode_chunks(PARAGRAPH_TEXT, chunk_size=chunk_size, chunk_overlap=0, splitter="recursive")
+    assert len(doc.texts) == len(PARAGRAPHS)
+    assert not [t for t in doc.texts if "\n\n" in t]
+    assert [t.strip() for t in doc.texts] == PARAGRAPHS
+
+
+def test_recursive_overlong_chunk_loses_no_text(encoder):
+    """recursive splitter: a chunk longer in context than chunk_size is split, never cut short."""
+    # Alone, "arithmetic operations" is 5 tokens; inside the text, " arithmetic operations" is 6.
+    text = "as arithmetic operations"
+    doc = encoder.encode_chunks(text, chunk_size=5, chunk_overlap=0, splitter="recursive")
+    assert all(b - a <= 5 for a, b in doc.token_spans)
+    assert_covers_non_whitespace(text, doc)
+
+
+# -- both splitters --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("splitter", ["tokens", "recursive"])
+def test_unicode_text_maps_back(encoder, splitter):
+    """Multi-byte characters (umlauts, emoji, CJK) split across byte-level tokens still map back."""
+    doc = encoder.encode_chunks(UNICODE_TEXT, chunk_size=16, chunk_overlap=4, splitter=splitter)
+    assert len(doc.texts) > 3
+    check_spans_map_back(encoder, UNICODE_TEXT, doc)
+    assert_covers_non_whitespace(UNICODE_TEXT, doc)
+    assert "🙂" in doc.texts[0] and "🙂" in doc.texts[-1]
+
+
+@pytest.mark.parametrize("splitter", ["tokens", "recursive"])
+def test_prompt_keeps_spans_changes_vectors(encoder, doc_text, splitter):
+    """A prompt shifts the text in the row but not the spans (they index the text's own tokens);
+    it does change the vectors (the tokens attend to it)."""
+    kwargs = dict(chunk_size=48, chunk_overlap=8, splitter=splitter)
+    plain = encoder.encode_chunks(doc_text, **kwargs)
+    with_prompt = encoder.encode_chunks(doc_text, prompt="passage", **kwargs)
+    assert with_prompt.token_spans == plain.token_spans
+    assert with_prompt.char_spans == plain.char_spans
+    assert with_prompt.texts == plain.texts
+    check_spans_map_back(encoder, doc_text, with_prompt)
+    assert not np.allclose(with_prompt.vectors, plain.vectors, atol=1e-4)
+
+
+@pytest.mark.parametrize("splitter", ["tokens", "recursive"])
+def test_normalize_false_gives_raw_vectors(encoder, doc_text, splitter):
+    """normalize=False returns the same directions, not unit length."""
+    kwargs = dict(chunk_size=48, chunk_overlap=8, splitter=splitter)
+    unit = encoder.encode_chunks(doc_text, **kwargs).vectors
+    raw = encoder.encode_chunks(doc_text, normalize=False, **kwargs).vectors
+    norms = np.linalg.norm(raw, axis=1)
+    assert not np.allclose(norms, 1.0, atol=1e-3)
+    np.testing.assert_allclose(raw / norms[:, None], unit, atol=1e-5)
+
+
+def test_batch_matches_single_documents(encoder, doc_text):
+    """A list of texts gives one ChunkedDocument each, in order, equal to encoding each alone."""
+    texts = [doc_text, UNICODE_TEXT, "Just one short chunk."]
+    docs = encoder.encode_chunks(texts, chunk_size=40, chunk_overlap=10)
+    assert isinstance(docs, list) and len(docs) == 3
+    for text, doc in zip(texts, docs):
+        alone = encoder.encode_chunks(text, chunk_size=40, chunk_overlap=10)
+        assert doc.token_spans == alone.token_spans
+        assert doc.texts == alone.texts
+        np.testing.assert_allclose(doc.vectors, alone.vectors, atol=1e-5)
+
+
+# -- argument errors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(chunk_size=16, chunk_overlap=16), ValueError, r"chunk_overlap .*chunk_size"),
+        (dict(chunk_size=16, chunk_overlap=20), ValueError, r"chunk_overlap .*chunk_size"),
+        (dict(chunk_size=0, chunk_overlap=0), ValueError, r"chunk_size must be >= 1"),
+        (dict(chunk_size=-4, chunk_overlap=0), ValueError, r"chunk_size must be >= 1"),
+        (dict(chunk_size=16, chunk_overlap=-1), ValueError, r"chunk_overlap must be >= 0"),
+        (dict(chunk_size=16, chunk_overlap=None), TypeError, r"chunk_overlap must be an integer"),
+        (dict(chunk_size=16.0, chunk_overlap=4), TypeError, r"chunk_size must be an integer"),
+        (dict(chunk_size="16", chunk_overlap=4), TypeError, r"chunk_size must be an integer"),
+        (dict(chunk_size=True, chunk_overlap=0), TypeError, r"chunk_size must be an integer"),
+        (dict(chunk_size=16, chunk_overlap=4.5), TypeError, r"chunk_overlap must be an integer"),
+        (dict(chunk_size=16, chunk_overlap=4, splitter="sentences"), ValueError, r"splitter must be one of"),
+        (dict(chunk_size=16, chunk_overlap=4, splitter=None), ValueError, r"splitter must be one of"),
+    ],
+)
+def test_bad_chunk_arguments_raise(encoder, kwargs, error, match):
+    """Bad chunk arguments raise with a message naming the argument."""
+    with pytest.raises(error, match=match):
+        encoder.encode_chunks("Some text to chunk.", **kwargs)
+
+
+def test_numpy_integer_chunk_size_is_accepted(encoder):
+    """chunk_size from numpy (e.g. a config array) is an integer too."""
+    doc = encoder.encode_chunks(UNICODE_TEXT, chunk_size=np.int64(16), chunk_overlap=np.int32(4))
+    assert all(b - a <= 16 for a, b in doc.token_spans)
+    assert doc.token_spans[1][0] == 12
+
+
+# -- truncation in chunk mode ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("splitter", ["tokens", "recursive"])
+def test_chunks_cover_only_kept_tokens_when_truncated(encoder, doc_text, doc_tokens, splitter):
+    """With a small max_length, chunks lie within the kept tokens and truncated_tokens counts the rest."""
+    n = len(doc_tokens[0])
+    max_length = 102  # [CLS] + 100 text tokens + [SEP]
+    with pytest.warns(TruncationWarning, match=rf"{n - 100} tokens dropped"):
+        doc = encoder.encode_chunks(
+            doc_text, chunk_size=16, chunk_overlap=4, splitter=splitter, max_length=max_length
+        )
+    assert doc.truncated_tokens == n - 100
+    assert max(b for _, b in doc.token_spans) <= 100
+    check_spans_map_back(encoder, doc_text, doc)
+    kept_end = int(doc_tokens[1][99, 1])
+    assert max(b for _, b in doc.char_spans) <= kept_end
+    assert_covers_non_whitespace(doc_text, doc, end=kept_end)
+    if splitter == "tokens":
+        assert doc.token_spans[-1][1] == 100
+
+
+def test_truncation_budget_accounts_for_prompt(encoder, doc_text, doc_tokens):
+    """With a prompt, max_length holds [CLS], the prompt, the kept text and [SEP]."""
+    n = len(doc_tokens[0])
+    prompt_len = len(encoder.tokenizer.prompt_ids("query"))
+    with pytest.warns(TruncationWarning):
+        doc = encoder.encode_chunks(doc_text, chunk_size=16, chunk_overlap=0, prompt="query", max_length=80)
+    kept = 80 - 2 - prompt_len
+    assert doc.truncated_tokens == n - kept
+    assert doc.token_spans[-1][1] == kept
+
+
+@pytest.mark.parametrize("splitter", ["tokens", "recursive"])
+def test_truncated_chunks_equal_chunks_of_the_cut_text(encoder, doc_text, doc_tokens, splitter):
+    """Truncated chunking gives the same chunks and vectors as chunking the text cut to the kept tokens."""
+    ids, offsets = doc_tokens
+    # A cut point where re-tokenizing the prefix gives the same tokens (a word boundary).
+    k = next(
+        k for k in range(120, 300)
+        if doc_text[offsets[k - 1, 1]] == " "
+        and np.array_equal(text_tokens(encoder, doc_text[: offsets[k - 1, 1]])[0], ids[:k])
+    )
+    cut = doc_text[: offsets[k - 1, 1]]
+    kwargs = dict(chunk_size=32, chunk_overlap=8, splitter=splitter)
+    with pytest.warns(TruncationWarning):
+        truncated = encoder.encode_chunks(doc_text, max_length=k + 2, **kwargs)
+    reference = encoder.encode_chunks(cut, **kwargs)
+    assert reference.truncated_tokens == 0
+    assert truncated.truncated_tokens == len(ids) - k
+    assert truncated.token_spans == reference.token_spans
+    assert truncated.texts == reference.texts
+    np.testing.assert_allclose(truncated.vectors, reference.vectors, atol=1e-5)
+
+
+def test_truncate_false_raises_in_chunk_mode(encoder, doc_text):
+    """encode_chunks with truncate=False and a too-long text raises instead of cutting."""
+    with pytest.raises(ValueError, match=r"texts\[0\] has \d+ tokens but only 98 fit"):
+        encoder.encode_chunks(doc_text, chunk_size=16, chunk_overlap=4, max_length=100, truncate=False)
+
+
+# -- the pure functions of runtimes.chunking --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n, size, overlap, expected",
+    [
+        (10, 4, 1, [(0, 4), (3, 7), (6, 10)]),
+        (11, 4, 1, [(0, 4), (3, 7), (6, 10), (9, 11)]),
+        (8, 4, 0, [(0, 4), (4, 8)]),
+        (9, 4, 0, [(0, 4), (4, 8), (8, 9)]),
+        (3, 8, 2, [(0, 3)]),
+        (8, 8, 2, [(0, 8)]),
+        (1, 1, 0, [(0, 1)]),
+        (3, 1, 0, [(0, 1), (1, 2), (2, 3)]),
+        (5, 3, 2, [(0, 3), (1, 4), (2, 5)]),
+    ],
+)
+def test_token_windows_unit(n, size, overlap, expected):
+    """token_windows: exact windows, int64 [k, 2], the last one ending at n."""
+    spans = token_windows(n, size, overlap)
+    assert spans.dtype == np.int64 and spans.shape == (len(expected), 2)
+    assert [tuple(s) for s in spans.tolist()] == expected
+
+
+# Tokens of "ab cd  ef": "ab" (0, 2), " cd" (2, 5), " " (5, 6), " ef" (6, 9) -- byte-level style,
+# each token carrying its leading space.
+OFFSETS = np.array([[0, 2], [2, 5], [5, 6], [6, 9]], dtype=np.int64)
+
+
+@pytest.mark.parametrize(
+    "ranges, chunk_size, expected",
+    [
+        ([(0, 2)], 8, [(0, 1)]),
+        ([(3, 5)], 8, [(1, 2)]),  # starts inside " cd": that token belongs to the range
+        ([(0, 5), (7, 9)], 8, [(0, 2), (3, 4)]),
+        ([(1, 8)], 8, [(0, 4)]),  # partial tokens at both ends are included
+        ([(0, 9)], 2, [(0, 2), (2, 4)]),  # too long in context: split into chunk_size windows
+        ([(3, 9)], 1, [(1, 2), (2, 3), (3, 4)]),
+        ([(9, 9)], 8, []),  # an empty range at the end overlaps no token
+        ([], 8, []),
+    ],
+)
+def test_spans_from_char_ranges_unit(ranges, chunk_size, expected):
+    """spans_from_char_ranges: tokens overlapping each range, split into chunk_size windows, int64 [k, 2]."""
+    spans = spans_from_char_ranges(OFFSETS, ranges, chunk_size)
+    assert spans.dtype == np.int64 and spans.shape == (len(expected), 2)
+    assert [tuple(s) for s in spans.tolist()] == expected
+
+
+def test_spans_from_char_ranges_gap_between_tokens():
+    """A range that falls in a gap between tokens (no token overlaps it) gives no span."""
+    offsets = np.array([[0, 2], [4, 6]], dtype=np.int64)
+    assert spans_from_char_ranges(offsets, [(2, 4)], 8).shape == (0, 2)
+    assert spans_from_char_ranges(offsets, [(2, 5)], 8).tolist() == [[1, 2]]
+
+
+def test_char_spans_unit():
+    """char_spans: from the first token's start to the last token's end; empty input -> (0, 2)."""
+    spans = np.array([[0, 2], [1, 4], [3, 4]], dtype=np.int64)
+    assert char_spans(OFFSETS, spans).tolist() == [[0, 5], [2, 9], [6, 9]]
+    empty = char_spans(OFFSETS, np.zeros((0, 2), dtype=np.int64))
+    assert empty.shape == (0, 2) and empty.dtype == np.int64
+
+
+def test_char_spans_with_real_offsets(encoder):
+    """char_spans on real tokenizer offsets: ASCII windows tile the text exactly; with multi-byte
+    characters split across tokens, the windows still cover every character."""
+    cases = (("Plain words, and punctuation: (a, b).", True), ("Grüße 🙂 日本語. Plain too.", False))
+    for text, exact in cases:
+        _, offsets = text_tokens(encoder, text)
+        windows = token_windows(len(offsets), 3, 0)
+        spans = char_spans(offsets, windows)
+        assert spans[0, 0] == 0 and spans[-1, 1] == len(text)
+        if exact:
+            assert "".join(text[a:b] for a, b in spans) == text
+        else:
+            covered = np.zeros(len(text), dtype=bool)
+            for a, b in spans:
+                covered[a:b] = True
+            assert covered.all()
