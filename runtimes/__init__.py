@@ -31,10 +31,14 @@ __all__ = [
 ]
 
 
-def load(path: str | Path, backend: str = "torch", device=None, dtype=None) -> Encoder:
-    """Load a Dewey model folder (a checkpoint) into an Encoder running on ``backend``.
+def load(path: str | Path, backend: str = "torch", device=None, dtype=None, **backend_options) -> Encoder:
+    """Load a Dewey model folder into an Encoder running on ``backend``.
 
-    device: ``cpu`` (default) or ``cuda[:N]``; dtype: ``float32`` (default) or ``bfloat16``.
+    backend ``torch``: a checkpoint folder; device ``cpu`` (default) or ``cuda[:N]``; dtype ``float32``
+    (default) or ``bfloat16``.
+    backend ``onnx``: an export folder (``dewey-export --to onnx``); device ``cpu`` (default),
+    ``cuda[:N]`` or ``tensorrt[:N]`` (ONNX Runtime execution providers); options ``providers``,
+    ``intra_op_num_threads``, ``session_options``.
     """
     path = Path(path)
     if not path.is_dir():
@@ -42,7 +46,7 @@ def load(path: str | Path, backend: str = "torch", device=None, dtype=None) -> E
     backend_class = get_backend_class(backend)
     config = load_config(path)
     tokenizer = DeweyTokenizer.from_folder(path, config)
-    engine = backend_class.from_folder(path, config=config, device=device, dtype=dtype)
+    engine = backend_class.from_folder(path, config=config, device=device, dtype=dtype, **backend_options)
     if engine.vector_size != config.vector_size:
         raise ModelFileError(
             f"{path}: the {backend} model gives {engine.vector_size}-d vectors but config.json says "

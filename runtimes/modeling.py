@@ -52,8 +52,11 @@ def span_means(hidden: torch.Tensor, attention_mask: torch.Tensor, span_bounds: 
     prefix = torch.cat([prefix.new_zeros(batch, 1, width), prefix], dim=1)
     starts = span_bounds[..., 0]
     ends = span_bounds[..., 1]
-    gather = lambda index: torch.gather(prefix, 1, index.unsqueeze(-1).expand(-1, -1, width))  # noqa: E731
-    sums = gather(ends) - gather(starts)
+
+    def at(index: torch.Tensor) -> torch.Tensor:
+        return torch.gather(prefix, 1, index.unsqueeze(-1).expand(-1, -1, width))
+
+    sums = at(ends) - at(starts)
     counts = (ends - starts).clamp(min=1).unsqueeze(-1).to(torch.float64)
     return (sums / counts).to(hidden.dtype)
 
@@ -79,7 +82,13 @@ class DeweyModel(nn.Module):
 
         Pooling happens before the head (it is linear), so no [S, vector_size] tensor is ever built.
         """
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        batch, seq = input_ids.shape
+        # Explicit [B, S] positions: ONNX Runtime's opset-23 RotaryEmbedding fails at batch > 1 with
+        # the backbone's default [1, S] (FACTS.md); the values are the same either way.
+        position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
         cls = hidden[:, 0]
         spans = span_means(hidden, attention_mask, span_bounds)
         if self.head is not None:

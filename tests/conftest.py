@@ -30,3 +30,13 @@ def long_text():
     from pydoc_data.topics import topics
 
     return topics["specialnames"][:6000] + " Grüße 🙂 日本語."
+
+
+@pytest.fixture(scope="session")
+def onnx_export(checkpoint, tmp_path_factory):
+    """The tiny checkpoint exported to ONNX (opset 18), verified against PyTorch at export time."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra (onnxruntime) is not installed")
+    from dewey_export.onnx_export import export_onnx
+
+    result = export_onnx(checkpoint, tmp_path_factory.mktemp("export") / "tiny-onnx", log=lambda message: None)
+    return result.folder

@@ -19,6 +19,7 @@ import numpy as np
 # name -> ("module:class", the pip extra that installs its dependencies); imported lazily.
 _BACKENDS = {
     "torch": ("runtimes.backends.torch_backend:TorchBackend", "torch"),
+    "onnx": ("runtimes.backends.onnx_backend:OnnxBackend", "onnx"),
 }
 
 

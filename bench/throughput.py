@@ -1,0 +1,145 @@
+"""Throughput of the PyTorch and ONNX Runtime backends on the same texts, in one run.
+
+    python bench/throughput.py                      # tiny and ModernBERT-base shapes, 2 threads
+    python bench/throughput.py --shapes base --opsets 18 23 --profile
+
+For each model shape: build a random checkpoint (runtimes.testing), export it to ONNX (timed), then
+encode the same 8 texts of exactly 512 tokens each (one batch of 8 x 512, through the Encoder, so
+tokenization and pooling are included) with each backend, threads fixed. Reports the median seconds
+per batch, sequences/s and tokens/s. --profile adds ONNX Runtime's per-operator time split.
+Not a test: numbers depend on the machine; the README records them with the command that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
+                 local_attention=128, vector_size=128),
+    "base": dict(hidden_size=768, num_hidden_layers=22, num_attention_heads=12, intermediate_size=1152,
+                 local_attention=128, vector_size=768),
+}
+
+
+def texts_of_exactly(encoder, n_tokens: int, count: int) -> list[str]:
+    """``count`` different texts whose rows are exactly ``n_tokens`` long ([CLS] + text + [SEP])."""
+    from pydoc_data.topics import topics
+
+    texts = []
+    for key in sorted(topics, key=lambda k: -len(topics[k])):
+        body = topics[key]
+        tokens = encoder.tokenizer.encode_texts([body])[0]
+        if len(tokens.ids) < n_tokens:
+            continue
+        text = body[: int(tokens.offsets[n_tokens - 3, 1])]
+        if len(encoder.tokenizer.encode_texts([text])[0].ids) == n_tokens - 2:
+            texts.append(text)
+        if len(texts) == count:
+            return texts
+    raise RuntimeError(f"not enough long documents for {count} texts of {n_tokens} tokens")
+
+
+def time_encode(encoder, texts, batch: int, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        encoder.encode(texts, mode="mean", batch_size=batch)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        encoder.encode(texts, mode="mean", batch_size=batch)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ort_profile(folder: Path, texts, batch: int, threads: int) -> list[tuple[str, float]]:
+    """Share of ONNX Runtime kernel time per operator type, from one profiled run."""
+    import onnxruntime as ort
+
+    import runtimes
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(folder / "ort_profile")
+    encoder = runtimes.load(folder, backend="onnx", session_options=options)
+    encoder.encode(texts, mode="mean", batch_size=batch)
+    trace = json.loads(Path(encoder.backend.session.end_profiling()).read_text())
+    per_op = Counter()
+    for event in trace:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]] += event["dur"]
+    total = sum(per_op.values())
+    return [(op, 100.0 * us / total) for op, us in per_op.most_common(8)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["tiny", "base"], choices=sorted(SHAPES))
+    parser.add_argument("--opsets", nargs="+", type=int, default=[18], choices=[18, 23])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=512, help="tokens per row, [CLS] and [SEP] included")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="print ONNX Runtime's time per operator type")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    import torch
+
+    import runtimes
+    from dewey_export.onnx_export import export_onnx
+    from runtimes.testing import make_test_checkpoint
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes:
+            checkpoint = make_test_checkpoint(Path(tmp) / shape, max_position_embeddings=8192, **SHAPES[shape])
+            torch_encoder = runtimes.load(checkpoint, backend="torch")
+            texts = texts_of_exactly(torch_encoder, args.tokens, args.batch)
+            seconds = time_encode(torch_encoder, texts, args.batch, args.repeats, args.warmup)
+            rows.append(dict(shape=shape, backend="torch sdpa fp32", export_s=None, seconds=seconds))
+            for opset in args.opsets:
+                folder = Path(tmp) / f"{shape}-onnx{opset}"
+                started = time.perf_counter()
+                export_onnx(checkpoint, folder, opset=opset, verify=False, log=lambda message: None)
+                export_s = time.perf_counter() - started
+                onnx_encoder = runtimes.load(folder, backend="onnx", intra_op_num_threads=args.threads)
+                seconds = time_encode(onnx_encoder, texts, args.batch, args.repeats, args.warmup)
+                rows.append(dict(shape=shape, backend=f"onnxruntime fp32 opset {opset}", export_s=export_s,
+                                 seconds=seconds))
+                if args.profile:
+                    print(f"\nONNX Runtime time per operator, {shape} opset {opset}:")
+                    for op, share in ort_profile(folder, texts, args.batch, args.threads):
+                        print(f"  {op:<28} {share:5.1f} %")
+
+    tokens = args.batch * args.tokens
+    print(f"\nbatch {args.batch} x {args.tokens} tokens, {args.threads} threads, median of {args.repeats}\n")
+    print("| shape | backend | s/batch | sequences/s | tokens/s | vs torch | export s |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        base = next(r for r in rows if r["shape"] == row["shape"] and r["backend"].startswith("torch"))
+        row.update(sequences_per_s=args.batch / row["seconds"], tokens_per_s=tokens / row["seconds"],
+                   speedup=base["seconds"] / row["seconds"])
+        export = f"{row['export_s']:.1f}" if row["export_s"] is not None else "-"
+        print(f"| {row['shape']} | {row['backend']} | {row['seconds']:.3f} | {row['sequences_per_s']:.1f} | "
+              f"{row['tokens_per_s']:.0f} | {row['speedup']:.2f}x | {export} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

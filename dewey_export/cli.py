@@ -1,0 +1,119 @@
+"""``dewey-export``: export a Dewey checkpoint, and re-check an export against PyTorch.
+
+Exit codes: 0 ok; 1 parity verification failed; 2 bad usage or input (missing or corrupt model folder,
+unknown target, an output folder that exists).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from runtimes.config import ModelFileError
+
+EXIT_VERIFY_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(click.ClickException):
+    exit_code = EXIT_BAD_INPUT
+
+
+def _log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model", type=click.Path(path_type=Path),
+              help="Checkpoint folder to export (config.json, model.safetensors, tokenizer.json).")
+@click.option("--to", "target", type=click.Choice(["onnx", "trt"]),
+              help="What to build: an ONNX export folder, or a TensorRT engine.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder; written atomically.")
+@click.option("--opset", type=click.Choice(["18", "23"]), default="18", show_default=True,
+              help="ONNX opset. 23 uses fused Attention/RotaryEmbedding ops (faster on ORT CPU at short lengths).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Compare the export with the PyTorch backend before publishing it (fp32: max abs diff "
+                   "<= 1e-4, cosine >= 0.99999); a failure exits 1 and is recorded in the manifest.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new export is complete).")
+@click.pass_context
+def main(ctx, model, target, out, opset, verify, overwrite):
+    """Export Dewey embedding models: PyTorch checkpoint -> ONNX (-> TensorRT).
+
+    \b
+    Export:  dewey-export --model CKPT --to onnx --out DIR [--opset 18|23] [--no-verify]
+    Check:   dewey-export verify DIR [--model CKPT]
+    """
+    if ctx.invoked_subcommand is not None:
+        if model or target or out:
+            raise click.UsageError("--model/--to/--out belong to an export, not to a subcommand")
+        return
+    missing = [flag for flag, value in (("--model", model), ("--to", target), ("--out", out)) if value is None]
+    if missing:
+        raise click.UsageError(f"missing {', '.join(missing)} (see dewey-export --help)")
+    if target == "trt":
+        raise BadInput(_trt_unavailable())
+    from .onnx_export import ExportError, export_onnx
+    from .verify import describe_failure
+
+    try:
+        result = export_onnx(model, out, opset=int(opset), verify=verify, overwrite=overwrite, log=_log)
+    except (ModelFileError, ExportError) as exc:
+        raise BadInput(str(exc)) from exc
+    if not result.passed:
+        _log(describe_failure(result.manifest["parity"]))
+        _log(f"The export was written to {result.folder} with the failed report in its manifest.")
+        sys.exit(EXIT_VERIFY_FAILED)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path),
+              help="Reference checkpoint; default: the source recorded in the export's manifest.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the parity report here.")
+def verify(folder, model, json_out):
+    """Re-run the parity check of an export FOLDER against its PyTorch checkpoint."""
+    from runtimes.backends.onnx_backend import OnnxBackend
+    from runtimes.backends.torch_backend import TorchBackend
+    from runtimes.config import load_config
+    from runtimes.export_format import ONNX_FILE, read_manifest
+
+    from .onnx_export import CHECKPOINT_FILES, check_checkpoint, sha256_file
+    from .verify import compare_backends, describe_failure, parity_cases
+
+    try:
+        manifest = read_manifest(folder)
+        model = Path(model or manifest["source"]["path"])
+        check_checkpoint(model)
+        changed = [name for name in CHECKPOINT_FILES
+                   if sha256_file(model / name) != manifest["source"]["sha256"].get(name)]
+        if changed:
+            raise BadInput(f"{model} is not the checkpoint this export was made from: {', '.join(changed)} differ "
+                           "(sha256 in the manifest); pass --model with the original checkpoint")
+        if sha256_file(folder / ONNX_FILE) != manifest["onnx"]["sha256"]:
+            _log(f"note: {folder / ONNX_FILE} has changed since export (sha256 differs from the manifest)")
+        _log(f"Comparing {folder} with {model}")
+        report = compare_backends(TorchBackend.from_folder(model), OnnxBackend(folder / ONNX_FILE),
+                                  parity_cases(load_config(model)), log=_log)
+    except ModelFileError as exc:
+        raise BadInput(str(exc)) from exc
+    for case in report["cases"]:
+        click.echo(f"{case['name']:<32} max abs diff {case['max_abs_diff']:.3g}  min cosine {case['min_cosine']:.8f}")
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if not report["passed"]:
+        _log(describe_failure(report))
+        sys.exit(EXIT_VERIFY_FAILED)
+    click.echo("parity: passed")
+
+
+def _trt_unavailable() -> str:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return ("--to trt needs TensorRT, which is not installed. On a machine with an NVIDIA GPU install it from "
+                "NVIDIA's index (pip install tensorrt-cu12), or build an ONNX export (--to onnx) and use "
+                "ONNX Runtime's TensorRT execution provider (runtimes.load(DIR, backend='onnx', device='tensorrt')).")
+    return "--to trt: the TensorRT engine builder is not part of this version yet; use --to onnx."

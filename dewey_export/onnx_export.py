@@ -1,0 +1,200 @@
+"""Checkpoint folder -> ONNX export folder, verified against PyTorch before it is published.
+
+The graph is ``DeweyModel.forward`` traced by ``torch.onnx.export(dynamo=True)``: the backend contract
+as graph I/O, dynamic ``batch``, ``sequence`` and ``chunks`` axes, span pooling (float64 prefix sums)
+before the head. Everything is written into a staging folder beside the target and renamed into place
+at the end, so an interrupted export never leaves a half-written folder; an existing folder is replaced
+only with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from runtimes.config import CONFIG_FILE, ModelFileError, load_config
+from runtimes.export_format import INPUTS, MANIFEST_FILE, MANIFEST_FORMAT, ONNX_FILE, OUTPUTS
+from runtimes.files import atomic_path
+from runtimes.tokenization import TOKENIZER_FILE
+
+from .verify import FP32_MAX_ABS_DIFF, FP32_MIN_COSINE, compare_backends, parity_cases
+
+DEFAULT_OPSET = 18
+SUPPORTED_OPSETS = (18, 23)
+# Protobuf cannot hold a file over 2 GiB; above this many weight bytes the weights go to model.onnx.data.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+CHECKPOINT_FILES = (CONFIG_FILE, "model.safetensors", TOKENIZER_FILE)
+COPIED_FILES = (CONFIG_FILE, TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
+
+
+class ExportError(RuntimeError):
+    """The export could not be made (bad input, or a step failed); nothing was written."""
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    manifest: dict
+
+    @property
+    def passed(self) -> bool:
+        return self.manifest["parity"].get("passed") is not False
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tool_versions() -> dict:
+    versions = {}
+    for name in ("dewey", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def check_checkpoint(checkpoint: Path) -> None:
+    if not checkpoint.is_dir():
+        raise ModelFileError(f"model folder {checkpoint} does not exist")
+    for name in CHECKPOINT_FILES:
+        if not (checkpoint / name).is_file():
+            raise ModelFileError(f"{checkpoint} is not a Dewey checkpoint: {name} is missing")
+    load_config(checkpoint)
+
+
+def export_onnx(checkpoint, out, opset: int = DEFAULT_OPSET, verify: bool = True, overwrite: bool = False,
+                log=print) -> ExportResult:
+    """Export ``checkpoint`` to the folder ``out``; returns the manifest (its parity report included).
+
+    A failed verification still publishes the folder, its numbers in the manifest, so the failure can
+    be inspected; the caller decides what to do with ``result.passed`` (the CLI exits 1).
+    """
+    import torch
+
+    from runtimes.backends.onnx_backend import OnnxBackend
+    from runtimes.backends.torch_backend import TorchBackend
+    from runtimes.modeling import DeweyModel
+
+    checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
+    check_checkpoint(checkpoint)
+    if opset not in SUPPORTED_OPSETS:
+        raise ExportError(f"opset {opset} is not supported; choose one of {SUPPORTED_OPSETS}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"{out} already exists and is not empty; pass overwrite (--overwrite) to replace it")
+    config = load_config(checkpoint)
+
+    log(f"Loading {checkpoint}")
+    model = DeweyModel.from_pretrained(checkpoint)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        onnx_path = staging / ONNX_FILE
+        log(f"Exporting to ONNX (opset {opset}, {weight_bytes / 1e6:.1f} MB of weights)")
+        started = time.perf_counter()
+        _trace(model, onnx_path, opset, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES)
+        export_seconds = time.perf_counter() - started
+        log(f"  exported in {export_seconds:.1f} s")
+        for name in COPIED_FILES:
+            if (checkpoint / name).is_file():
+                shutil.copy2(checkpoint / name, staging / name)
+
+        if verify:
+            log("Verifying against the PyTorch backend")
+            parity = compare_backends(
+                TorchBackend(model), OnnxBackend(onnx_path), parity_cases(config), log=log
+            )
+            log(f"  max abs diff {parity['max_abs_diff']:.3g}, min cosine {parity['min_cosine']:.8f}: "
+                f"{'passed' if parity['passed'] else 'FAILED'}")
+        else:
+            parity = {"skipped": True, "thresholds": {"max_abs_diff": FP32_MAX_ABS_DIFF, "min_cosine": FP32_MIN_COSINE}}
+
+        manifest = build_manifest(checkpoint, staging, opset, export_seconds, parity)
+        with atomic_path(staging / MANIFEST_FILE) as tmp:
+            Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"Wrote {out}")
+    return ExportResult(out, manifest)
+
+
+def _trace(model, onnx_path: Path, opset: int, external_data: bool) -> None:
+    import torch
+
+    assert not model.training, "export needs an eval-mode model"
+    window = int(getattr(model.config, "local_attention", 128))
+    # Example sizes above 1 so torch.export keeps every axis dynamic; longer than one window.
+    batch, seq, chunks = 2, window + 37, 3
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    attention_mask[1, seq // 2 :] = 0
+    span_bounds = torch.tensor([[[1, seq - 1], [1, 9], [0, 0]], [[1, seq // 2 - 1], [3, 20], [0, 0]]])
+    dims = {name: torch.export.Dim(name) for name in ("batch", "sequence", "chunks")}
+    dynamic_shapes = {
+        name: {axis: dims[label] for axis, label in enumerate(axes) if isinstance(label, str)}
+        for name, (_, axes) in INPUTS.items()
+    }
+    torch.onnx.export(
+        model,
+        (input_ids, attention_mask, span_bounds),
+        str(onnx_path),
+        input_names=list(INPUTS),
+        output_names=list(OUTPUTS),
+        dynamic_shapes=dynamic_shapes,
+        opset_version=opset,
+        dynamo=True,
+        external_data=external_data,
+        verbose=False,
+    )
+    assert not model.training, "export switched the model to train mode"
+
+
+def build_manifest(checkpoint: Path, folder: Path, opset: int, export_seconds: float, parity: dict) -> dict:
+    onnx_path = folder / ONNX_FILE
+    external = sorted(p.name for p in folder.iterdir() if p.name.startswith(ONNX_FILE + "."))
+    return {
+        "format": MANIFEST_FORMAT,
+        "source": {
+            "path": str(checkpoint),
+            "sha256": {name: sha256_file(checkpoint / name) for name in CHECKPOINT_FILES},
+        },
+        "onnx": {
+            "file": ONNX_FILE,
+            "bytes": onnx_path.stat().st_size,
+            "sha256": sha256_file(onnx_path),
+            "external_data": {name: sha256_file(folder / name) for name in external},
+            "opset": opset,
+            "inputs": {name: {"type": t, "axes": axes} for name, (t, axes) in INPUTS.items()},
+            "outputs": {name: {"type": t, "axes": axes} for name, (t, axes) in OUTPUTS.items()},
+        },
+        "precision": "float32",
+        "export_seconds": round(export_seconds, 2),
+        "tools": tool_versions(),
+        "parity": parity,
+    }
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Rename the finished staging folder onto ``out``; an old ``out`` is removed only afterwards."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)

@@ -1,0 +1,105 @@
+"""Parity between a candidate backend (ONNX Runtime, TensorRT) and the PyTorch reference.
+
+Comparison is kept apart from execution: both backends get the same generated inputs through the
+backend contract, and only their output arrays are compared.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# fp32 thresholds on the un-normalised vectors (issue 3): an fp32 graph that computes the same function
+# differs from PyTorch only by kernel rounding, ~1e-6 in FACTS.md; 1e-4 leaves room for other CPUs
+# and ORT graph fusions while catching any real error (a changed weight moves vectors by far more).
+FP32_MAX_ABS_DIFF = 1e-4
+FP32_MIN_COSINE = 0.99999
+
+# Lengths around the sliding window (128 for Dewey): shorter, equal, longer, and one long row.
+PARITY_LENGTHS = (16, 128, 300, 2048)
+# A padded batch of mixed lengths, different span counts per row (so rows carry empty padding spans).
+PARITY_PADDED_BATCH = (300, 16, 128)
+
+
+def _row_spans(length: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """The text span, a few chunk-like spans of random sizes, and one empty padding span."""
+    text = (1, length - 1)
+    spans = [text]
+    for _ in range(int(rng.integers(1, 4))):
+        start = int(rng.integers(1, length - 1))
+        end = int(rng.integers(start + 1, length))
+        spans.append((start, end))
+    return spans + [(0, 0)]
+
+
+def parity_cases(config, seed: int = 0, lengths=PARITY_LENGTHS, padded_batch=PARITY_PADDED_BATCH):
+    """Generated backend inputs: (name, input_ids, attention_mask, span_bounds), lengths capped by the
+    model's maximum."""
+    rng = np.random.default_rng(seed)
+    limit = config.max_position_embeddings
+
+    def batch(row_lengths):
+        rows = [min(n, limit) for n in row_lengths]
+        spans = [_row_spans(n, rng) for n in rows]
+        seq, n_spans = max(rows), max(len(s) for s in spans)
+        ids = np.full((len(rows), seq), config.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), seq), dtype=np.int64)
+        bounds = np.zeros((len(rows), n_spans, 2), dtype=np.int64)
+        for b, (n, row_spans) in enumerate(zip(rows, spans)):
+            ids[b, :n] = rng.integers(0, config.vocab_size, n)
+            ids[b, 0], ids[b, n - 1] = config.cls_token_id, config.sep_token_id
+            mask[b, :n] = 1
+            bounds[b, : len(row_spans)] = row_spans
+        return ids, mask, bounds
+
+    cases = [(f"batch1_len{min(n, limit)}", *batch([n])) for n in lengths]
+    cases.append(("padded_batch_" + "_".join(str(min(n, limit)) for n in padded_batch), *batch(padded_batch)))
+    return cases
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return (a * b).sum(-1) / np.maximum(norms, 1e-30)
+
+
+def compare_backends(reference, candidate, cases, max_abs_diff=FP32_MAX_ABS_DIFF, min_cosine=FP32_MIN_COSINE,
+                     log=None) -> dict:
+    """Run every case through both backends; report the worst max-abs difference and cosine.
+
+    Empty spans must be exactly zero in both; they are compared by max-abs only (no cosine of zeros).
+    """
+    report = {"thresholds": {"max_abs_diff": max_abs_diff, "min_cosine": min_cosine}, "cases": []}
+    for name, ids, mask, bounds in cases:
+        if log:
+            log(f"  parity case {name} (batch {ids.shape[0]} x {ids.shape[1]} tokens)")
+        ref_cls, ref_spans = reference.forward(ids, mask, bounds)
+        cand_cls, cand_spans = candidate.forward(ids, mask, bounds)
+        if ref_cls.shape != cand_cls.shape or ref_spans.shape != cand_spans.shape:
+            raise ValueError(
+                f"{name}: output shapes differ: reference {ref_cls.shape}/{ref_spans.shape}, "
+                f"candidate {cand_cls.shape}/{cand_spans.shape}"
+            )
+        nonempty = bounds[..., 1] > bounds[..., 0]
+        diff = max(float(np.abs(ref_cls - cand_cls).max()), float(np.abs(ref_spans - cand_spans).max()))
+        cos = min(float(_cosines(ref_cls, cand_cls).min()), float(_cosines(ref_spans[nonempty], cand_spans[nonempty]).min()))
+        finite = bool(np.isfinite(cand_cls).all() and np.isfinite(cand_spans).all())
+        report["cases"].append(
+            {"name": name, "shape": list(ids.shape), "max_abs_diff": diff, "min_cosine": cos, "finite": finite}
+        )
+    report["max_abs_diff"] = max(c["max_abs_diff"] for c in report["cases"])
+    report["min_cosine"] = min(c["min_cosine"] for c in report["cases"])
+    report["passed"] = all(
+        c["finite"] and c["max_abs_diff"] <= max_abs_diff and c["min_cosine"] >= min_cosine for c in report["cases"]
+    )
+    return report
+
+
+def describe_failure(report: dict) -> str:
+    bad = [c for c in report["cases"] if not (c["finite"] and c["max_abs_diff"] <= report["thresholds"]["max_abs_diff"]
+                                               and c["min_cosine"] >= report["thresholds"]["min_cosine"])]
+    lines = [
+        f"{c['name']}: max abs diff {c['max_abs_diff']:.3g} (limit {report['thresholds']['max_abs_diff']:g}), "
+        f"min cosine {c['min_cosine']:.7f} (limit {report['thresholds']['min_cosine']}), finite={c['finite']}"
+        for c in bad
+    ]
+    return "parity check failed:\n  " + "\n  ".join(lines)

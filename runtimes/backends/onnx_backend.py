@@ -1,0 +1,145 @@
+"""ONNX Runtime backend: imports numpy and onnxruntime only (plus the standard library).
+
+Providers: CPU by default; CUDA or TensorRT execution providers when asked for. A provider that was
+asked for but could not be created raises: onnxruntime-gpu falls back to the CPU silently, so the
+session's actual providers are checked after it is created.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ModelFileError
+from ..export_format import INPUTS, ONNX_FILE, OUTPUTS, read_manifest
+
+# How ONNX Runtime spells the element types of runtimes.export_format.
+_ORT_TYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
+
+
+def available_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup v2 CPU quota.
+
+    ``os.cpu_count()`` counts the host's CPUs, which in a container oversubscribes the quota.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def providers_for(device) -> list:
+    """Execution providers for a device name: ``cpu``, ``cuda[:N]``, ``tensorrt[:N]``."""
+    device = "cpu" if device is None else str(device)
+    kind, _, index = device.partition(":")
+    if index and not index.isdigit():
+        raise ValueError(f"device index must be a number, got {device!r}")
+    options = {"device_id": int(index or 0)}
+    if kind == "cpu":
+        return ["CPUExecutionProvider"]
+    if kind == "cuda":
+        return [("CUDAExecutionProvider", options)]
+    if kind == "tensorrt":
+        return [("TensorrtExecutionProvider", options), ("CUDAExecutionProvider", options)]
+    raise ValueError(f"device must be 'cpu', 'cuda[:N]' or 'tensorrt[:N]' for the onnx backend, got {device!r}")
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def __init__(self, model_path: str | Path, providers=None, intra_op_num_threads: int | None = None,
+                 session_options=None):
+        import onnxruntime as ort
+
+        model_path = Path(model_path)
+        if not model_path.is_file():
+            raise ModelFileError(f"{model_path} does not exist")
+        providers = list(providers or ["CPUExecutionProvider"])
+        wanted = [p[0] if isinstance(p, tuple) else p for p in providers]
+        missing = [p for p in wanted if p not in ort.get_available_providers()]
+        if missing:
+            raise RuntimeError(
+                f"ONNX Runtime provider(s) {missing} are not available in this onnxruntime "
+                f"(available: {ort.get_available_providers()}); for GPUs install onnxruntime-gpu "
+                "instead of onnxruntime (never both)"
+            )
+        if session_options is None:
+            session_options = ort.SessionOptions()
+            session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            session_options.intra_op_num_threads = intra_op_num_threads or available_cpus()
+            session_options.inter_op_num_threads = 1
+        self.session_options = session_options
+        try:
+            self.session = ort.InferenceSession(str(model_path), sess_options=session_options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise ModelFileError(f"ONNX Runtime cannot load {model_path}: {exc}") from exc
+        active = self.session.get_providers()
+        if active[0] != wanted[0]:
+            raise RuntimeError(
+                f"ONNX Runtime was asked for {wanted[0]} but the session runs on {active}: the provider "
+                "failed to initialise (check the CUDA/cuDNN/TensorRT libraries); not falling back silently"
+            )
+        self.providers = active
+        self._check_io(model_path)
+        self.vector_size = int(self.session.get_outputs()[0].shape[-1])
+
+    def _check_io(self, model_path: Path) -> None:
+        inputs = {i.name: i.type for i in self.session.get_inputs()}
+        outputs = {o.name: o.type for o in self.session.get_outputs()}
+        want_in = {name: _ORT_TYPES[dtype] for name, (dtype, _) in INPUTS.items()}
+        want_out = {name: _ORT_TYPES[dtype] for name, (dtype, _) in OUTPUTS.items()}
+        if inputs != want_in or outputs != want_out:
+            raise ModelFileError(
+                f"{model_path} is not a Dewey graph: inputs {inputs}, outputs {outputs}; "
+                f"expected inputs {want_in} and outputs {want_out}"
+            )
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, config=None, device=None, dtype=None, **options) -> "OnnxBackend":
+        folder = Path(folder)
+        if not (folder / ONNX_FILE).is_file():
+            raise ModelFileError(
+                f"{folder} has no {ONNX_FILE}; export the checkpoint first: "
+                f"dewey-export --model {folder} --to onnx --out EXPORT_DIR"
+            )
+        manifest = read_manifest(folder)
+        if dtype is not None and str(dtype) != manifest["precision"]:
+            raise ValueError(
+                f"{folder} holds a {manifest['precision']} graph; the onnx backend runs the precision a "
+                f"graph was exported in, so dtype={dtype!r} cannot be honoured"
+            )
+        size = (folder / ONNX_FILE).stat().st_size
+        if size != manifest["onnx"]["bytes"]:
+            raise ModelFileError(
+                f"{folder / ONNX_FILE} has {size} bytes but the manifest records {manifest['onnx']['bytes']}: "
+                "the file was changed or damaged after export; export again"
+            )
+        if manifest["parity"].get("passed") is False:
+            warnings.warn(
+                f"{folder} failed its parity check at export time (see parity in {folder}/dewey_export.json)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        providers = options.pop("providers", None) or providers_for(device)
+        return cls(folder / ONNX_FILE, providers=providers, **options)
+
+    def __repr__(self) -> str:
+        return f"OnnxBackend(providers={self.providers}, threads={self.session_options.intra_op_num_threads})"
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, span_bounds: np.ndarray):
+        cls, spans = self.session.run(
+            ["cls", "spans"],
+            {
+                "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+                "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
+                "span_bounds": np.ascontiguousarray(span_bounds, dtype=np.int64),
+            },
+        )
+        return cls, spans
