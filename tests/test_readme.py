@@ -23,12 +23,20 @@ def test_ci_runs_the_readme_setup_and_test_commands():
     assert ci.index(setup) < ci.index(test)
 
 
-def test_python_example_runs_as_written(tmp_path):
-    example = blocks("python")
-    assert example, "README has no Python example"
-    result = subprocess.run(
-        [sys.executable, "-c", example[0]], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
-    assert "(1, 2) float32" in result.stdout
-    assert "refused:" in result.stdout
+def test_examples_run_as_written(tmp_path):
+    """The encode example, then the CLI lines of the export section, then the ONNX Runtime example, in
+    one folder, exactly as a user would paste them."""
+    python = blocks("python")
+    cli = [line for line in blocks("bash")[1].splitlines() if line.startswith("dewey-export")]
+    assert len(python) >= 2 and cli, "README lost its examples"
+
+    def run(command):
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    first = run([sys.executable, "-c", python[0]])
+    assert "(1, 2) float32" in first and "refused:" in first
+    for line in cli:
+        run([str(Path(sys.executable).parent / "dewey-export"), *line.split()[1:]])
+    assert "(1, 48)" in run([sys.executable, "-c", python[1]])
