@@ -32,18 +32,26 @@ def _log(message: str) -> None:
 @click.option("--to", "target", type=click.Choice(["onnx", "trt"]),
               help="What to build: an ONNX export folder, or a TensorRT engine.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder; written atomically.")
-@click.option("--opset", type=click.Choice(["18", "23"]), default="18", show_default=True,
-              help="ONNX opset. 23 uses fused Attention/RotaryEmbedding ops (faster on ORT CPU at short lengths).")
+@click.option("--target", "device_target", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="Where the ONNX graph will run. cpu: ONNX Runtime, global attention through its contrib "
+                   "MultiHeadAttention flash kernel. gpu: TensorRT / ORT CUDA, the standard opset-23 "
+                   "Attention op and no contrib ops.")
+@click.option("--opset", type=click.Choice(["18", "23"]), default=None,
+              help="ONNX opset (default: 18 for cpu, 23 for gpu, which needs it). 23 also fuses "
+                   "RotaryEmbedding and runs faster on ONNX Runtime CPU at short lengths.")
+@click.option("--attention", type=click.Choice(["linear", "dense"]), default="linear", show_default=True,
+              help="linear: block-local sliding layers and mask-free global layers, memory linear in "
+                   "length (128k tokens). dense: transformers' graph with S x S masks, for comparison only.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare the export with the PyTorch backend before publishing it (fp32: max abs diff "
                    "<= 1e-4, cosine >= 0.99999); a failure exits 1 and is recorded in the manifest.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new export is complete).")
 @click.pass_context
-def main(ctx, model, target, out, opset, verify, overwrite):
+def main(ctx, model, target, out, device_target, opset, attention, verify, overwrite):
     """Export Dewey embedding models: PyTorch checkpoint -> ONNX (-> TensorRT).
 
     \b
-    Export:  dewey-export --model CKPT --to onnx --out DIR [--opset 18|23] [--no-verify]
+    Export:  dewey-export --model CKPT --to onnx --out DIR [--target cpu|gpu] [--no-verify]
     Check:   dewey-export verify DIR [--model CKPT]
     """
     if ctx.invoked_subcommand is not None:
@@ -59,7 +67,8 @@ def main(ctx, model, target, out, opset, verify, overwrite):
     from .verify import describe_failure
 
     try:
-        result = export_onnx(model, out, opset=int(opset), verify=verify, overwrite=overwrite, log=_log)
+        result = export_onnx(model, out, target=device_target, opset=int(opset) if opset else None,
+                             attention=attention, verify=verify, overwrite=overwrite, log=_log)
     except (ModelFileError, ExportError) as exc:
         raise BadInput(str(exc)) from exc
     if not result.passed:

@@ -25,8 +25,16 @@ from runtimes.tokenization import TOKENIZER_FILE
 
 from .verify import FP32_MAX_ABS_DIFF, FP32_MIN_COSINE, compare_backends, parity_cases
 
-DEFAULT_OPSET = 18
 SUPPORTED_OPSETS = (18, 23)
+# Where the graph will run decides the form of global attention (runtimes.attention):
+# cpu: ONNX Runtime's contrib MultiHeadAttention (its CPU flash kernel is linear in memory);
+# gpu: the standard ONNX Attention op of opset 23, which TensorRT 10.14+ fuses; no contrib ops.
+TARGETS = {"cpu": {"opset": 18, "global_kernel": "ort_contrib"}, "gpu": {"opset": 23, "global_kernel": "sdpa"}}
+ATTENTION_FORMS = {
+    ("linear", "ort_contrib"): "com.microsoft.MultiHeadAttention, no mask (key padding folded into the keys)",
+    ("linear", "sdpa"): "ONNX Attention (opset 23) or MatMul/Softmax (opset 18), no mask",
+    ("dense", "sdpa"): "transformers' masked attention with dense S x S masks (quadratic memory)",
+}
 # Protobuf cannot hold a file over 2 GiB; above this many weight bytes the weights go to model.onnx.data.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 CHECKPOINT_FILES = (CONFIG_FILE, "model.safetensors", TOKENIZER_FILE)
@@ -74,10 +82,13 @@ def check_checkpoint(checkpoint: Path) -> None:
     load_config(checkpoint)
 
 
-def export_onnx(checkpoint, out, opset: int = DEFAULT_OPSET, verify: bool = True, overwrite: bool = False,
-                log=print) -> ExportResult:
+def export_onnx(checkpoint, out, target: str = "cpu", opset: int | None = None, attention: str = "linear",
+                verify: bool = True, overwrite: bool = False, log=print) -> ExportResult:
     """Export ``checkpoint`` to the folder ``out``; returns the manifest (its parity report included).
 
+    target: ``cpu`` (ONNX Runtime) or ``gpu`` (TensorRT, ORT CUDA); opset: 18 or 23 (default: the
+    target's, and gpu needs 23); attention: ``linear`` (linear memory, the default) or ``dense`` (the
+    plain transformers graph, quadratic, kept for comparison).
     A failed verification still publishes the folder, its numbers in the manifest, so the failure can
     be inspected; the caller decides what to do with ``result.passed`` (the CLI exits 1).
     """
@@ -85,27 +96,40 @@ def export_onnx(checkpoint, out, opset: int = DEFAULT_OPSET, verify: bool = True
 
     from runtimes.backends.onnx_backend import OnnxBackend
     from runtimes.backends.torch_backend import TorchBackend
+    from runtimes.attention import set_global_kernel
     from runtimes.modeling import DeweyModel
 
     checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
     check_checkpoint(checkpoint)
+    if target not in TARGETS:
+        raise ExportError(f"target {target!r} is not one of {sorted(TARGETS)}")
+    opset = TARGETS[target]["opset"] if opset is None else opset
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported; choose one of {SUPPORTED_OPSETS}")
+    if target == "gpu" and opset < 23:
+        raise ExportError("target gpu needs opset 23: its global layers use the ONNX Attention op")
+    if attention not in ("linear", "dense"):
+        raise ExportError(f"attention must be 'linear' or 'dense', got {attention!r}")
+    global_kernel = TARGETS[target]["global_kernel"] if attention == "linear" else "sdpa"
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"{out} already exists and is not empty; pass overwrite (--overwrite) to replace it")
     config = load_config(checkpoint)
 
     log(f"Loading {checkpoint}")
-    model = DeweyModel.from_pretrained(checkpoint)
+    model = DeweyModel.from_pretrained(checkpoint, attention=attention)
+    if attention == "linear":
+        set_global_kernel(model.backbone, global_kernel)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
         onnx_path = staging / ONNX_FILE
-        log(f"Exporting to ONNX (opset {opset}, {weight_bytes / 1e6:.1f} MB of weights)")
+        log(f"Exporting to ONNX (target {target}, opset {opset}, {attention} attention, "
+            f"{weight_bytes / 1e6:.1f} MB of weights)")
         started = time.perf_counter()
-        _trace(model, onnx_path, opset, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES)
+        _trace(model, onnx_path, opset, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES,
+               contrib=global_kernel == "ort_contrib" and attention == "linear")
         export_seconds = time.perf_counter() - started
         log(f"  exported in {export_seconds:.1f} s")
         for name in COPIED_FILES:
@@ -123,6 +147,12 @@ def export_onnx(checkpoint, out, opset: int = DEFAULT_OPSET, verify: bool = True
             parity = {"skipped": True, "thresholds": {"max_abs_diff": FP32_MAX_ABS_DIFF, "min_cosine": FP32_MIN_COSINE}}
 
         manifest = build_manifest(checkpoint, staging, opset, export_seconds, parity)
+        manifest["target"] = target
+        manifest["attention"] = {
+            "mode": attention,
+            "sliding_layers": "block-local, exact (W x 3W band)" if attention == "linear" else "dense masked",
+            "global_layers": ATTENTION_FORMS[(attention, global_kernel)],
+        }
         with atomic_path(staging / MANIFEST_FILE) as tmp:
             Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _publish(staging, out)
@@ -133,8 +163,10 @@ def export_onnx(checkpoint, out, opset: int = DEFAULT_OPSET, verify: bool = True
     return ExportResult(out, manifest)
 
 
-def _trace(model, onnx_path: Path, opset: int, external_data: bool) -> None:
+def _trace(model, onnx_path: Path, opset: int, external_data: bool, contrib: bool) -> None:
     import torch
+
+    from .contrib_ops import translation_table
 
     assert not model.training, "export needs an eval-mode model"
     window = int(getattr(model.config, "local_attention", 128))
@@ -159,6 +191,7 @@ def _trace(model, onnx_path: Path, opset: int, external_data: bool) -> None:
         opset_version=opset,
         dynamo=True,
         external_data=external_data,
+        custom_translation_table=translation_table() if contrib else None,
         verbose=False,
     )
     assert not model.training, "export switched the model to train mode"

@@ -1,9 +1,12 @@
-"""Batching: which rows run together, and the padded arrays a backend receives.
+"""Batching: which rows run together, and the padded arrays a backend receives. One place decides.
 
 Rows are sorted by length (longest first, so a batch that does not fit in memory fails at once, not at
 the end of a long job), then packed into batches capped both by a row count and by a token budget on
 the padded batch (rows x longest row), like TEI's ``max_batch_tokens``. A row longer than the budget
-runs alone. Results are put back in input order by the caller.
+runs alone. Rows longer than ``long_threshold`` share a batch only with rows of exactly their length,
+so they are never padded: global attention costs S^2, and padding a long row to a longer neighbour
+would waste the most compute exactly where it is dearest. Results are put back in input order by the
+caller.
 """
 
 from __future__ import annotations
@@ -16,26 +19,31 @@ from .validation import require_int
 # encoder within a few GiB of activations at short lengths.
 DEFAULT_MAX_BATCH_TOKENS = 16384
 DEFAULT_BATCH_SIZE = 32
+# Above this many tokens a row runs unpadded (alone or with equal-length peers). At 2048 tokens the
+# quadratic global layers already cost about as much as the linear rest of a Dewey-size layer stack.
+DEFAULT_LONG_THRESHOLD = 2048
 
 
-def plan_batches(lengths, batch_size: int = DEFAULT_BATCH_SIZE, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
+def plan_batches(lengths, batch_size: int = DEFAULT_BATCH_SIZE, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 long_threshold: int = DEFAULT_LONG_THRESHOLD):
     """Split row indices into batches: sorted longest first, at most ``batch_size`` rows and at most
-    ``max_batch_tokens`` padded tokens each (a single longer row makes a batch of one)."""
+    ``max_batch_tokens`` padded tokens each (a single longer row makes a batch of one); rows over
+    ``long_threshold`` tokens only with rows of the same length."""
     batch_size = require_int("batch_size", batch_size, 1)
     max_batch_tokens = require_int("max_batch_tokens", max_batch_tokens, 1)
+    long_threshold = require_int("long_threshold", long_threshold, 1)
     order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
-    batches, current, longest = [], [], 0
+    batches: list[list[int]] = []
     for index in order.tolist():
         length = int(lengths[index])
-        # Sorted longest first, so the batch's padded length is that of its first row.
-        width = longest or length
-        if current and (len(current) >= batch_size or (len(current) + 1) * width > max_batch_tokens):
-            batches.append(current)
-            current, longest = [], 0
-        current.append(index)
-        longest = longest or length
-    if current:
-        batches.append(current)
+        if batches:
+            current = batches[-1]
+            width = int(lengths[current[0]])  # sorted longest first: the batch's padded length
+            if (len(current) < batch_size and (len(current) + 1) * width <= max_batch_tokens
+                    and (width <= long_threshold or length == width)):
+                current.append(index)
+                continue
+        batches.append([index])
     return batches
 
 

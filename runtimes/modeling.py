@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import attention as linear_attention
 from .config import CONFIG_FILE, ModelFileError, read_config_dict
 from .files import atomic_path
 
@@ -24,15 +25,26 @@ HEAD_KEY = "dewey_head.weight"
 _IGNORED_PREFIXES = ("head.", "decoder.")
 
 
-def backbone_config(raw: dict):
+# "linear": runtimes.attention (block-local sliding layers, mask-free global layers), the default
+# everywhere. "dense": transformers' own sdpa with its S x S masks, kept as the reference it must equal.
+ATTENTION_MODES = ("linear", "dense")
+
+
+def backbone_config(raw: dict, attention: str = "linear"):
     """A transformers ModernBertConfig from a config.json dict; Dewey fields ride along as attributes."""
     from transformers import ModernBertConfig
 
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     # Bookkeeping keys (architectures, versions, "_"-prefixed notes) are not model settings.
     raw = {k: v for k, v in raw.items()
            if k not in ("architectures", "transformers_version", "torch_dtype", "dtype") and not k.startswith("_")}
     config = ModernBertConfig(**raw)
-    config._attn_implementation = "sdpa"
+    if attention == "linear":
+        linear_attention.register()
+        config._attn_implementation = linear_attention.ATTENTION_NAME
+    else:
+        config._attn_implementation = "sdpa"
     return config
 
 
@@ -70,6 +82,7 @@ class DeweyModel(nn.Module):
 
         self.config = config
         self.backbone = ModernBertModel(config)
+        self.attention = "linear" if config._attn_implementation == linear_attention.ATTENTION_NAME else "dense"
         vector_size = getattr(config, "vector_size", config.hidden_size)
         self.head = None if vector_size == config.hidden_size else nn.Linear(config.hidden_size, vector_size, bias=False)
 
@@ -86,9 +99,12 @@ class DeweyModel(nn.Module):
         # Explicit [B, S] positions: ONNX Runtime's opset-23 RotaryEmbedding fails at batch > 1 with
         # the backbone's default [1, S] (FACTS.md); the values are the same either way.
         position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
-        hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        ).last_hidden_state
+        mask = attention_mask
+        if self.attention == "linear":
+            # The [B, S] key validity itself, per layer type: the backbone then builds no S x S mask.
+            valid = attention_mask.bool()
+            mask = {"full_attention": valid, "sliding_attention": valid}
+        hidden = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
         cls = hidden[:, 0]
         spans = span_means(hidden, attention_mask, span_bounds)
         if self.head is not None:
@@ -96,12 +112,13 @@ class DeweyModel(nn.Module):
         return cls, spans
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> "DeweyModel":
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
+                        attention: str = "linear") -> "DeweyModel":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        config = backbone_config(read_config_dict(folder))
+        config = backbone_config(read_config_dict(folder), attention)
         weights_path = folder / WEIGHTS_FILE
         if not weights_path.is_file():
             raise ModelFileError(f"{folder} has no {WEIGHTS_FILE}")

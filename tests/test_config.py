@@ -108,7 +108,7 @@ def test_backbone_loads_with_plain_transformers(checkpoint):
     """transformers.AutoModel reads our checkpoint's backbone: same weights, same hidden states."""
     from transformers import AutoModel
 
-    ours = DeweyModel.from_pretrained(checkpoint)
+    ours = DeweyModel.from_pretrained(checkpoint, attention="dense")
     theirs = AutoModel.from_pretrained(checkpoint, attn_implementation="sdpa").eval()
     assert type(theirs).__name__ == "ModernBertModel"
     for name, tensor in ours.backbone.state_dict().items():
@@ -117,7 +117,10 @@ def test_backbone_loads_with_plain_transformers(checkpoint):
     with torch.inference_mode():
         a = ours.backbone(input_ids=ids).last_hidden_state
         b = theirs(input_ids=ids).last_hidden_state
+        linear = DeweyModel.from_pretrained(checkpoint).backbone(input_ids=ids).last_hidden_state
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # Our linear-memory attention computes the same function, up to float rounding.
+    torch.testing.assert_close(linear, b, atol=1e-5, rtol=0)
 
 
 def test_checkpoint_with_prefixed_backbone_keys_loads(checkpoint, tmp_path):

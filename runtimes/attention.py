@@ -1,0 +1,158 @@
+"""Linear-memory attention for Dewey's two layer kinds, one implementation for PyTorch and export.
+
+ModernBERT alternates sliding-window layers (each token sees |i - j| <= W keys, W = 64 for Dewey) and
+global layers. transformers builds dense (B, 1, S, S) masks for both and scores every pair: memory
+grows with S^2 and a 24 GiB machine stops near 16-28k tokens (FACTS.md). Here:
+
+- Sliding layers attend block-locally: queries in blocks of W, each block against the keys of the
+  previous, current and next block under a constant (W, 3W) band mask. The band covers every key a
+  query may see, so the result equals the masked dense computation exactly; memory is 3W per query.
+- Global layers take no mask at all. Key padding is folded into the keys instead: the head dimension
+  gains ``HEAD_PAD`` extra lanes, the query's first extra lane is 1 and a padded key's is ``MASKED_KEY``,
+  so a padded key scores about -1e8 and gets exactly zero weight (exp underflows), while real keys
+  are untouched (their extra lanes are 0). With no mask, memory-efficient kernels run: PyTorch's flash
+  SDPA, ONNX ``Attention`` (opset 23, fused by TensorRT), or ONNX Runtime's contrib
+  ``MultiHeadAttention`` CPU flash path, which turns quadratic as soon as it is given a mask.
+
+``install(model)`` switches a transformers ModernBertModel to these functions; its masks are then
+passed as the plain [B, S] key-validity tensor (a dict per layer type), so no S x S mask is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "dewey_linear"
+# Extra head lanes for the key-padding trick; 8 keeps head sizes multiples of 8 for GPU kernels.
+HEAD_PAD = 8
+# Added (before scaling) to a padded key's score; -1e9 x 1/8 = -1.25e8 underflows exp() in fp32 and
+# bf16, and overflows to -inf in fp16, which also gives weight 0. Real keys keep at least the CLS
+# token, so no row is ever all-masked.
+MASKED_KEY = -1e9
+
+# Global-attention kernels: "sdpa" (PyTorch; exports to MatMul/Softmax at opset 18 and to the fused
+# Attention op at opset 23) or "ort_contrib" (com.microsoft.MultiHeadAttention, for ONNX Runtime CPU).
+GLOBAL_KERNELS = ("sdpa", "ort_contrib")
+
+
+def sliding_window_attention(query, key, value, key_valid, window: int, scaling: float):
+    """Exact attention over |i - j| <= window for [B, H, S, D] inputs; returns [B, S, H, D].
+
+    ``key_valid`` is a [B, S] bool tensor (False for padding). A query with no valid key in reach
+    (padding far from any real token) gets a zero output instead of the NaN of an all-masked softmax.
+    """
+    batch, heads, seq, dim = query.shape
+    blocks = (seq + window - 1) // window
+    pad = blocks * window - seq
+    span = blocks * window
+
+    q = F.pad(query, (0, 0, 0, pad)).reshape(batch, heads, blocks, window, dim)
+    # Keys and values padded by one block on each side: block b sees blocks b-1, b and b+1.
+    k = F.pad(key, (0, 0, window, pad + window))
+    v = F.pad(value, (0, 0, window, pad + window))
+    valid = F.pad(key_valid, (window, pad + window), value=False)
+
+    def neighbourhoods(x, seq_dim):
+        # Blocks b-1, b, b+1 side by side: [..., nb, 3W, ...] from x padded by a block on each side.
+        parts = [x.narrow(seq_dim, i * window, span).unflatten(seq_dim, (blocks, window)) for i in range(3)]
+        return torch.cat(parts, dim=seq_dim + 1)
+
+    keys = neighbourhoods(k, 2)  # [B, H, nb, 3W, D]
+    values = neighbourhoods(v, 2)
+    reach = neighbourhoods(valid, 1)  # [B, nb, 3W]
+
+    # Query i of a block sits at key slot i + window of its neighbourhood.
+    slots = torch.arange(3 * window, device=query.device)
+    rows = torch.arange(window, device=query.device)
+    band = (slots.unsqueeze(0) - rows.unsqueeze(1) - window).abs() <= window  # [W, 3W]
+    allowed = band & reach.unsqueeze(2)  # [B, nb, W, 3W]
+    allowed = allowed.unsqueeze(1)  # [B, 1, nb, W, 3W]
+
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(allowed.any(dim=-1, keepdim=True), probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
+    out = torch.matmul(probs, values).reshape(batch, heads, span, dim)[:, :, :seq]
+    return out.transpose(1, 2)
+
+
+def _augment(query, key, value, key_valid):
+    """Append HEAD_PAD lanes: query lane 0 is 1, key lane 0 is 0 (valid) or MASKED_KEY (padding)."""
+    batch, heads, seq, dim = query.shape
+    zeros = query.new_zeros(batch, heads, seq, HEAD_PAD)
+    ones_lane = F.pad(query.new_ones(batch, heads, seq, 1), (0, HEAD_PAD - 1))
+    mask_lane = torch.where(key_valid, 0.0, MASKED_KEY).to(key.dtype)[:, None, :, None]
+    mask_lane = F.pad(mask_lane.expand(batch, heads, seq, 1), (0, HEAD_PAD - 1))
+    return (
+        torch.cat([query, ones_lane], dim=-1),
+        torch.cat([key, mask_lane], dim=-1),
+        torch.cat([value, zeros], dim=-1),
+    )
+
+
+@torch.library.custom_op("dewey::mha", mutates_args=())
+def _mha(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """[B, S, H*D] attention without a mask; exported as com.microsoft.MultiHeadAttention."""
+    batch, seq, width = query.shape
+    split = lambda x: x.reshape(batch, seq, num_heads, width // num_heads).transpose(1, 2)  # noqa: E731
+    out = F.scaled_dot_product_attention(split(query), split(key), split(value), scale=scale)
+    return out.transpose(1, 2).reshape(batch, seq, width)
+
+
+@_mha.register_fake
+def _(query, key, value, num_heads, scale):
+    return torch.empty_like(query)
+
+
+def global_attention(query, key, value, key_valid, scaling: float, kernel: str = "sdpa"):
+    """Full attention with key padding but no mask tensor, [B, H, S, D] in, [B, S, H, D] out."""
+    batch, heads, seq, dim = query.shape
+    q, k, v = _augment(query, key, value, key_valid)
+    if kernel == "ort_contrib":
+        merge = lambda x: x.transpose(1, 2).reshape(batch, seq, heads * (dim + HEAD_PAD))  # noqa: E731
+        out = _mha(merge(q), merge(k), merge(v), heads, scaling)
+        return out.reshape(batch, seq, heads, dim + HEAD_PAD)[..., :dim]
+    out = F.scaled_dot_product_attention(q, k, v, scale=scaling)
+    return out.transpose(1, 2)[..., :dim]
+
+
+def dewey_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                    **kwargs):
+    """A transformers attention function (registered as ``ATTENTION_NAME``).
+
+    ``attention_mask`` is the [B, S] key-validity tensor; ModernBERT passes ``sliding_window`` =
+    half-window + 1 for sliding layers (flash-attention's inclusive convention) and None for global ones.
+    """
+    if dropout:
+        raise ValueError("dewey attention runs without attention dropout (Dewey's is 0)")
+    scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    if attention_mask is None:
+        key_valid = torch.ones(query.shape[0], query.shape[2], dtype=torch.bool, device=query.device)
+    elif attention_mask.dim() == 2:
+        key_valid = attention_mask.bool()
+    else:
+        raise ValueError(
+            f"dewey attention takes the [batch, sequence] key mask, got shape {tuple(attention_mask.shape)}: "
+            "call the backbone with attention_mask={'full_attention': mask, 'sliding_attention': mask}"
+        )
+    if sliding_window is not None:
+        out = sliding_window_attention(query, key, value, key_valid, sliding_window - 1, scaling)
+    else:
+        out = global_attention(query, key, value, key_valid, scaling, getattr(module, "dewey_global_kernel", "sdpa"))
+    return out, None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, dewey_attention)
+
+
+def set_global_kernel(backbone, kernel: str) -> None:
+    if kernel not in GLOBAL_KERNELS:
+        raise ValueError(f"global attention kernel must be one of {GLOBAL_KERNELS}, got {kernel!r}")
+    for layer in backbone.layers:
+        layer.attn.dewey_global_kernel = kernel
