@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SHAPES = {
-    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, vector_size=128),
-    "base": dict(hidden_size=768, num_hidden_layers=22, num_attention_heads=12, intermediate_size=1152,
+    "tiny": dict(initializer_range=0.02, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, vector_size=128),
+    "base": dict(initializer_range=0.02, hidden_size=768, num_hidden_layers=22, num_attention_heads=12, intermediate_size=1152,
                  vector_size=768),
-    "large": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, intermediate_size=2624,
+    "large": dict(initializer_range=0.02, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, intermediate_size=2624,
                   vector_size=2048),
 }
 # Lengths run by default: global attention is quadratic in compute even with linear memory, so the

@@ -25,9 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHAPES = {
-    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
+    "tiny": dict(initializer_range=0.02, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
                  local_attention=128, vector_size=128),
-    "base": dict(hidden_size=768, num_hidden_layers=22, num_attention_heads=12, intermediate_size=1152,
+    "base": dict(initializer_range=0.02, hidden_size=768, num_hidden_layers=22, num_attention_heads=12, intermediate_size=1152,
                  local_attention=128, vector_size=768),
 }
 

@@ -42,12 +42,15 @@ def _log(message: str) -> None:
 @click.option("--attention", type=click.Choice(["linear", "dense"]), default="linear", show_default=True,
               help="linear: block-local sliding layers and mask-free global layers, memory linear in "
                    "length (128k tokens). dense: transformers' graph with S x S masks, for comparison only.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Element type of the graph (and of a TensorRT engine). fp16/bf16 keep LayerNorm, softmax, "
+                   "rotary tables and pooling in fp32 inside the graph; verified by cosine >= 0.999.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare the export with the PyTorch backend before publishing it (fp32: max abs diff "
                    "<= 1e-4, cosine >= 0.99999); a failure exits 1 and is recorded in the manifest.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new export is complete).")
 @click.pass_context
-def main(ctx, model, target, out, device_target, opset, attention, verify, overwrite):
+def main(ctx, model, target, out, device_target, opset, attention, precision, verify, overwrite):
     """Export Dewey embedding models: PyTorch checkpoint -> ONNX (-> TensorRT).
 
     \b
@@ -68,7 +71,8 @@ def main(ctx, model, target, out, device_target, opset, attention, verify, overw
 
     try:
         result = export_onnx(model, out, target=device_target, opset=int(opset) if opset else None,
-                             attention=attention, verify=verify, overwrite=overwrite, log=_log)
+                             attention=attention, precision=precision, verify=verify, overwrite=overwrite,
+                             log=_log)
     except (ModelFileError, ExportError) as exc:
         raise BadInput(str(exc)) from exc
     if not result.passed:
@@ -82,15 +86,18 @@ def main(ctx, model, target, out, device_target, opset, attention, verify, overw
 @click.option("--model", type=click.Path(path_type=Path),
               help="Reference checkpoint; default: the source recorded in the export's manifest.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the parity report here.")
-def verify(folder, model, json_out):
+@click.option("--device", default="cpu", show_default=True,
+              help="ONNX Runtime device for the export: cpu, cuda[:N] or tensorrt[:N] (needs onnxruntime-gpu); "
+                   "the PyTorch reference runs on the CPU in fp32.")
+def verify(folder, model, json_out, device):
     """Re-run the parity check of an export FOLDER against its PyTorch checkpoint."""
-    from runtimes.backends.onnx_backend import OnnxBackend
+    from runtimes.backends.onnx_backend import OnnxBackend, ProviderUnavailableError, providers_for
     from runtimes.backends.torch_backend import TorchBackend
     from runtimes.config import load_config
     from runtimes.export_format import ONNX_FILE, read_manifest
 
     from .onnx_export import CHECKPOINT_FILES, check_checkpoint, sha256_file
-    from .verify import compare_backends, describe_failure, parity_cases
+    from .verify import compare_backends, describe_failure, parity_cases, parity_thresholds
 
     try:
         manifest = read_manifest(folder)
@@ -104,9 +111,11 @@ def verify(folder, model, json_out):
         if sha256_file(folder / ONNX_FILE) != manifest["onnx"]["sha256"]:
             _log(f"note: {folder / ONNX_FILE} has changed since export (sha256 differs from the manifest)")
         _log(f"Comparing {folder} with {model}")
-        report = compare_backends(TorchBackend.from_folder(model), OnnxBackend(folder / ONNX_FILE),
-                                  parity_cases(load_config(model)), log=_log)
-    except ModelFileError as exc:
+        candidate = OnnxBackend(folder / ONNX_FILE, providers=providers_for(device))
+        report = compare_backends(TorchBackend.from_folder(model), candidate,
+                                  parity_cases(load_config(model)), log=_log,
+                                  **parity_thresholds(manifest.get("precision", "float32")))
+    except (ModelFileError, ProviderUnavailableError, ValueError) as exc:
         raise BadInput(str(exc)) from exc
     for case in report["cases"]:
         click.echo(f"{case['name']:<32} max abs diff {case['max_abs_diff']:.3g}  min cosine {case['min_cosine']:.8f}")

@@ -23,7 +23,7 @@ from runtimes.export_format import INPUTS, MANIFEST_FILE, MANIFEST_FORMAT, ONNX_
 from runtimes.files import atomic_path
 from runtimes.tokenization import TOKENIZER_FILE
 
-from .verify import FP32_MAX_ABS_DIFF, FP32_MIN_COSINE, compare_backends, parity_cases
+from .verify import compare_backends, parity_cases, parity_thresholds
 
 SUPPORTED_OPSETS = (18, 23)
 # Where the graph will run decides the form of global attention (runtimes.attention):
@@ -82,13 +82,18 @@ def check_checkpoint(checkpoint: Path) -> None:
     load_config(checkpoint)
 
 
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
 def export_onnx(checkpoint, out, target: str = "cpu", opset: int | None = None, attention: str = "linear",
-                verify: bool = True, overwrite: bool = False, log=print) -> ExportResult:
+                precision: str = "fp32", verify: bool = True, overwrite: bool = False, log=print) -> ExportResult:
     """Export ``checkpoint`` to the folder ``out``; returns the manifest (its parity report included).
 
     target: ``cpu`` (ONNX Runtime) or ``gpu`` (TensorRT, ORT CUDA); opset: 18 or 23 (default: the
     target's, and gpu needs 23); attention: ``linear`` (linear memory, the default) or ``dense`` (the
-    plain transformers graph, quadratic, kept for comparison).
+    plain transformers graph, quadratic, kept for comparison); precision: ``fp32``, or ``fp16``/``bf16``
+    with LayerNorm, softmax, rotary tables and pooling kept in float32 inside the graph (what strongly
+    typed TensorRT builds from). The gpu target pools with float32 (TensorRT has no float64).
     A failed verification still publishes the folder, its numbers in the manifest, so the failure can
     be inspected; the caller decides what to do with ``result.passed`` (the CLI exits 1).
     """
@@ -97,7 +102,7 @@ def export_onnx(checkpoint, out, target: str = "cpu", opset: int | None = None, 
     from runtimes.backends.onnx_backend import OnnxBackend
     from runtimes.backends.torch_backend import TorchBackend
     from runtimes.attention import set_global_kernel
-    from runtimes.modeling import DeweyModel
+    from runtimes.modeling import DeweyModel, reduce_precision
 
     checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
     check_checkpoint(checkpoint)
@@ -111,6 +116,8 @@ def export_onnx(checkpoint, out, target: str = "cpu", opset: int | None = None, 
     if attention not in ("linear", "dense"):
         raise ExportError(f"attention must be 'linear' or 'dense', got {attention!r}")
     global_kernel = TARGETS[target]["global_kernel"] if attention == "linear" else "sdpa"
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"{out} already exists and is not empty; pass overwrite (--overwrite) to replace it")
     config = load_config(checkpoint)
@@ -119,14 +126,17 @@ def export_onnx(checkpoint, out, target: str = "cpu", opset: int | None = None, 
     model = DeweyModel.from_pretrained(checkpoint, attention=attention)
     if attention == "linear":
         set_global_kernel(model.backbone, global_kernel)
+    if target == "gpu":
+        model.pooling = "centered_float32"
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model = reduce_precision(model, getattr(torch, PRECISIONS[precision]))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
         onnx_path = staging / ONNX_FILE
-        log(f"Exporting to ONNX (target {target}, opset {opset}, {attention} attention, "
-            f"{weight_bytes / 1e6:.1f} MB of weights)")
+        log(f"Exporting to ONNX (target {target}, opset {opset}, {attention} attention, {precision}, "
+            f"{weight_bytes / 1e6:.1f} MB of fp32 weights)")
         started = time.perf_counter()
         _trace(model, onnx_path, opset, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES,
                contrib=global_kernel == "ort_contrib" and attention == "linear")
@@ -136,23 +146,34 @@ def export_onnx(checkpoint, out, target: str = "cpu", opset: int | None = None, 
             if (checkpoint / name).is_file():
                 shutil.copy2(checkpoint / name, staging / name)
 
-        if verify:
-            log("Verifying against the PyTorch backend")
+        thresholds = parity_thresholds(PRECISIONS[precision])
+        if verify and precision == "bf16":
+            reason = ("ONNX Runtime's CPU provider has no bfloat16 kernels; check this graph on a GPU with "
+                      "dewey-export verify DIR --device cuda")
+            log(f"Not verified: {reason}")
+            parity = {"skipped": reason, "thresholds": thresholds}
+        elif verify:
+            log("Verifying against the PyTorch backend (fp32)")
             parity = compare_backends(
-                TorchBackend(model), OnnxBackend(onnx_path), parity_cases(config), log=log
+                TorchBackend(DeweyModel.from_pretrained(checkpoint, attention=attention)), OnnxBackend(onnx_path),
+                parity_cases(config), log=log, **thresholds,
             )
             log(f"  max abs diff {parity['max_abs_diff']:.3g}, min cosine {parity['min_cosine']:.8f}: "
                 f"{'passed' if parity['passed'] else 'FAILED'}")
         else:
-            parity = {"skipped": True, "thresholds": {"max_abs_diff": FP32_MAX_ABS_DIFF, "min_cosine": FP32_MIN_COSINE}}
+            parity = {"skipped": True, "thresholds": thresholds}
 
         manifest = build_manifest(checkpoint, staging, opset, export_seconds, parity)
-        manifest["target"] = target
-        manifest["attention"] = {
-            "mode": attention,
-            "sliding_layers": "block-local, exact (W x 3W band)" if attention == "linear" else "dense masked",
-            "global_layers": ATTENTION_FORMS[(attention, global_kernel)],
-        }
+        manifest.update(
+            precision=PRECISIONS[precision],
+            target=target,
+            attention={
+                "mode": attention,
+                "sliding_layers": "block-local, exact (W x 3W band)" if attention == "linear" else "dense masked",
+                "global_layers": ATTENTION_FORMS[(attention, global_kernel)],
+                "pooling": model.pooling,
+            },
+        )
         with atomic_path(staging / MANIFEST_FILE) as tmp:
             Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _publish(staging, out)
@@ -215,7 +236,6 @@ def build_manifest(checkpoint: Path, folder: Path, opset: int, export_seconds: f
             "inputs": {name: {"type": t, "axes": axes} for name, (t, axes) in INPUTS.items()},
             "outputs": {name: {"type": t, "axes": axes} for name, (t, axes) in OUTPUTS.items()},
         },
-        "precision": "float32",
         "export_seconds": round(export_seconds, 2),
         "tools": tool_versions(),
         "parity": parity,

@@ -33,6 +33,10 @@ HEAD_PAD = 8
 # token, so no row is ever all-masked.
 MASKED_KEY = -1e9
 
+# Additive score bias of a key outside the window (float32 scores): far below any real score, yet
+# finite, so an all-masked row softmaxes to uniform weights instead of NaN.
+_MASKED_SCORE = -1e30
+
 # Global-attention kernels: "sdpa" (PyTorch; exports to MatMul/Softmax at opset 18 and to the fused
 # Attention op at opset 23) or "ort_contrib" (com.microsoft.MultiHeadAttention, for ONNX Runtime CPU).
 GLOBAL_KERNELS = ("sdpa", "ort_contrib")
@@ -68,15 +72,18 @@ def sliding_window_attention(query, key, value, key_valid, window: int, scaling:
     slots = torch.arange(3 * window, device=query.device)
     rows = torch.arange(window, device=query.device)
     band = (slots.unsqueeze(0) - rows.unsqueeze(1) - window).abs() <= window  # [W, 3W]
-    allowed = band & reach.unsqueeze(2)  # [B, nb, W, 3W]
-    allowed = allowed.unsqueeze(1)  # [B, 1, nb, W, 3W]
+    allowed = (band & reach.unsqueeze(2)).unsqueeze(1)  # [B, 1, nb, W, 3W], shared by the heads
 
-    scores = torch.matmul(q, keys.transpose(-1, -2)) * scaling
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1)
-    probs = torch.where(allowed.any(dim=-1, keepdim=True), probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
-    out = torch.matmul(probs, values).reshape(batch, heads, span, dim)[:, :, :seq]
-    return out.transpose(1, 2)
+    # The score tensors ([B, H, nb, W, 3W]) dominate memory, so as few of them as possible exist: the
+    # scale goes on the queries, the mask is one broadcast additive bias, and rows with no visible key
+    # (softmax over the bias alone: uniform, finite) are zeroed on the smaller output.
+    # Softmax in float32 whatever the model's precision (a no-op for fp32 models).
+    scores = torch.matmul(q * scaling, keys.transpose(-1, -2)).float()
+    bias = torch.where(allowed, 0.0, _MASKED_SCORE)
+    probs = torch.softmax(scores + bias, dim=-1).to(values.dtype)
+    out = torch.matmul(probs, values)
+    out = torch.where(allowed.any(dim=-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out.reshape(batch, heads, span, dim)[:, :, :seq].transpose(1, 2)
 
 
 def _augment(query, key, value, key_valid):

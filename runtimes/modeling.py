@@ -48,29 +48,87 @@ def backbone_config(raw: dict, attention: str = "linear"):
     return config
 
 
-def span_means(hidden: torch.Tensor, attention_mask: torch.Tensor, span_bounds: torch.Tensor) -> torch.Tensor:
+# How span_means accumulates its prefix sums. "float64": exact to float64 rounding; the default.
+# "centered_float32": for engines without float64 (TensorRT): each row's per-dimension mean is
+# subtracted before a float32 prefix sum and added back after, so the prefix drifts like a random walk
+# (~sqrt(S)) instead of growing with S x mean; error at 128k stays near 1e-6 of the vectors.
+POOLING_ACCUMULATIONS = ("float64", "centered_float32")
+
+
+def span_means(hidden: torch.Tensor, attention_mask: torch.Tensor, span_bounds: torch.Tensor,
+               accumulate: str = "float64") -> torch.Tensor:
     """Mean of ``hidden[b, start:end]`` for every ``(start, end)`` in ``span_bounds[b, c]``.
 
-    Prefix sums make this one vectorised op for any number of spans. They accumulate in float64:
-    a float32 prefix grows with the position, and the difference of two large prefixes late in a
-    128k-token row would lose the digits of a 256-token span. An empty span (start == end) gives
-    zeros. Padded positions are zeroed with ``where``, never by multiplying, so a NaN in a padding row
-    cannot reach a prefix.
+    Prefix sums make this one vectorised op for any number of spans. A plain float32 prefix grows with
+    the position, and the difference of two large prefixes late in a 128k-token row would lose the
+    digits of a 256-token span: see ``POOLING_ACCUMULATIONS``. An empty span (start == end) gives zeros.
+    Padded positions are zeroed with ``where``, never by multiplying, so a NaN in a padding row cannot
+    reach a prefix. Returns float32 (float64 when accumulating in float64 is asked of a float64 input).
     """
+    if accumulate not in POOLING_ACCUMULATIONS:
+        raise ValueError(f"accumulate must be one of {POOLING_ACCUMULATIONS}, got {accumulate!r}")
     batch, _, width = hidden.shape
     valid = attention_mask.bool().unsqueeze(-1)
-    values = torch.where(valid, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
-    prefix = torch.cumsum(values.to(torch.float64), dim=1)
-    prefix = torch.cat([prefix.new_zeros(batch, 1, width), prefix], dim=1)
+    dtype = torch.float64 if accumulate == "float64" else torch.float32
+    values = torch.where(valid, hidden.to(dtype), torch.zeros((), dtype=dtype, device=hidden.device))
+    if accumulate == "centered_float32":
+        count = valid.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)
+        center = values.sum(dim=1, keepdim=True) / count  # [B, 1, D]
+        values = torch.where(valid, values - center, torch.zeros((), dtype=dtype, device=hidden.device))
+    prefix = torch.cumsum(values, dim=1)  # prefix[:, i] = sum of values[:, :i + 1]
     starts = span_bounds[..., 0]
     ends = span_bounds[..., 1]
 
     def at(index: torch.Tensor) -> torch.Tensor:
-        return torch.gather(prefix, 1, index.unsqueeze(-1).expand(-1, -1, width))
+        """Sum of values[:, :index]; read from prefix[index - 1], without a zero row concatenated
+        in front (which would copy the whole [B, S, D] prefix once more)."""
+        rows = torch.gather(prefix, 1, (index - 1).clamp(min=0).unsqueeze(-1).expand(-1, -1, width))
+        return torch.where((index > 0).unsqueeze(-1), rows, torch.zeros((), dtype=dtype, device=rows.device))
 
-    sums = at(ends) - at(starts)
-    counts = (ends - starts).clamp(min=1).unsqueeze(-1).to(torch.float64)
-    return (sums / counts).to(hidden.dtype)
+    lengths = (ends - starts).unsqueeze(-1)
+    means = (at(ends) - at(starts)) / lengths.clamp(min=1).to(dtype)
+    if accumulate == "centered_float32":
+        means = torch.where(lengths > 0, means + center, torch.zeros((), dtype=dtype, device=hidden.device))
+    return means.to(torch.promote_types(hidden.dtype, torch.float32))
+
+
+class Float32LayerNorm(nn.Module):
+    """A LayerNorm that computes in float32 inside a reduced-precision model (fp16 overflows there)."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        self.norm = norm.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.float()).to(x.dtype)
+
+
+class Float32Rotary(nn.Module):
+    """Rotary tables in float32: at 128k positions and theta 7.4e7 a 16-bit inv_freq or cos/sin table
+    misplaces far tokens. ModernBERT casts the tables to its input's dtype, so it gets a float32 input."""
+
+    def __init__(self, rotary: nn.Module):
+        super().__init__()
+        self.rotary = rotary.float()
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type=None):
+        return self.rotary(x.float(), position_ids, layer_type)
+
+
+def reduce_precision(model: "DeweyModel", dtype: torch.dtype) -> "DeweyModel":
+    """Cast the model to fp16/bf16 with LayerNorm, softmax (runtimes.attention), the rotary tables and
+    span pooling kept in float32: the one reduced-precision form, for the PyTorch backend and for the
+    reduced-precision ONNX graphs that strongly typed TensorRT builds from."""
+    if dtype == torch.float32:
+        return model
+    model = model.to(dtype)
+    backbone = model.backbone
+    backbone.rotary_emb = Float32Rotary(backbone.rotary_emb)
+    for parent in list(backbone.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.LayerNorm):
+                setattr(parent, name, Float32LayerNorm(child))
+    return model
 
 
 class DeweyModel(nn.Module):
@@ -83,6 +141,7 @@ class DeweyModel(nn.Module):
         self.config = config
         self.backbone = ModernBertModel(config)
         self.attention = "linear" if config._attn_implementation == linear_attention.ATTENTION_NAME else "dense"
+        self.pooling = "float64"  # see POOLING_ACCUMULATIONS; the TensorRT target sets centered_float32
         vector_size = getattr(config, "vector_size", config.hidden_size)
         self.head = None if vector_size == config.hidden_size else nn.Linear(config.hidden_size, vector_size, bias=False)
 
@@ -91,9 +150,10 @@ class DeweyModel(nn.Module):
         return self.config.hidden_size if self.head is None else self.head.out_features
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, span_bounds: torch.Tensor):
-        """The backend contract: ``cls`` [B, D] and ``spans`` [B, C, D], not normalised.
+        """The backend contract: ``cls`` [B, D] and ``spans`` [B, C, D] in float32, not normalised.
 
         Pooling happens before the head (it is linear), so no [S, vector_size] tensor is ever built.
+        In a reduced-precision model the pooled means go through the head in that precision.
         """
         batch, seq = input_ids.shape
         # Explicit [B, S] positions: ONNX Runtime's opset-23 RotaryEmbedding fails at batch > 1 with
@@ -106,10 +166,10 @@ class DeweyModel(nn.Module):
             mask = {"full_attention": valid, "sliding_attention": valid}
         hidden = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
         cls = hidden[:, 0]
-        spans = span_means(hidden, attention_mask, span_bounds)
+        spans = span_means(hidden, attention_mask, span_bounds, self.pooling).to(hidden.dtype)
         if self.head is not None:
             cls, spans = self.head(cls), self.head(spans)
-        return cls, spans
+        return cls.float(), spans.float()
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu",

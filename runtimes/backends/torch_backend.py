@@ -1,7 +1,7 @@
 """PyTorch backend: the reference forward, in eval mode under ``torch.inference_mode``.
 
-fp32 or bf16, on cpu or cuda. Pooling accumulates in float64 whatever the compute dtype, and outputs
-are returned as float32 numpy arrays.
+fp32 or bf16 (LayerNorm, softmax, rotary tables and pooling stay float32: modeling.reduce_precision),
+on cpu or cuda. Pooling accumulates in float64, and outputs are returned as float32 numpy arrays.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..modeling import DeweyModel
+from ..modeling import DeweyModel, reduce_precision
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -41,7 +41,7 @@ class TorchBackend:
     def __init__(self, model: DeweyModel, device=None, dtype=None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model = reduce_precision(model, self.dtype).to(device=self.device).eval()
         self.vector_size = model.vector_size
 
     @classmethod
