@@ -45,12 +45,21 @@ def _log(message: str) -> None:
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Element type of the graph (and of a TensorRT engine). fp16/bf16 keep LayerNorm, softmax, "
                    "rotary tables and pooling in fp32 inside the graph; verified by cosine >= 0.999.")
+@click.option("--buckets", default="512x64,8192x4,32768x1,131072x1", show_default=True,
+              help="--to trt: length buckets MAX_TOKENSxMAX_BATCH, one TensorRT optimization profile each; "
+                   "inputs longer than the last bucket are refused.")
+@click.option("--workspace-gib", type=float, default=8.0, show_default=True, help="--to trt: builder workspace limit.")
+@click.option("--timing-cache", type=click.Path(path_type=Path),
+              help="--to trt: timing cache file, read and updated (default: ~/.cache/dewey/timing-GPU-TRT.cache).")
+@click.option("--version-compatible", is_flag=True,
+              help="--to trt: build a version-compatible plan (runs on newer TensorRT of the same major).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare the export with the PyTorch backend before publishing it (fp32: max abs diff "
                    "<= 1e-4, cosine >= 0.99999); a failure exits 1 and is recorded in the manifest.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new export is complete).")
 @click.pass_context
-def main(ctx, model, target, out, device_target, opset, attention, precision, verify, overwrite):
+def main(ctx, model, target, out, device_target, opset, attention, precision, buckets, workspace_gib, timing_cache,
+         version_compatible, verify, overwrite):
     """Export Dewey embedding models: PyTorch checkpoint -> ONNX (-> TensorRT).
 
     \b
@@ -65,7 +74,8 @@ def main(ctx, model, target, out, device_target, opset, attention, precision, ve
     if missing:
         raise click.UsageError(f"missing {', '.join(missing)} (see dewey-export --help)")
     if target == "trt":
-        raise BadInput(_trt_unavailable())
+        return _export_trt(model, out, precision, buckets, workspace_gib, timing_cache, version_compatible,
+                           verify, overwrite)
     from .onnx_export import ExportError, export_onnx
     from .verify import describe_failure
 
@@ -127,11 +137,47 @@ def verify(folder, model, json_out, device):
     click.echo("parity: passed")
 
 
-def _trt_unavailable() -> str:
+def _export_trt(model, out, precision, buckets, workspace_gib, timing_cache, version_compatible, verify, overwrite):
+    from runtimes.trt_plan import parse_buckets
+
+    from .onnx_export import ExportError, check_checkpoint
+    from .trt_build import EngineBuildSettings, TensorRTUnavailable, build_engine_folder, tensorrt_status
+
+    status = tensorrt_status()  # before anything is read or written
+    if status:
+        raise BadInput(f"--to trt: {status}")
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return ("--to trt needs TensorRT, which is not installed. On a machine with an NVIDIA GPU install it from "
-                "NVIDIA's index (pip install tensorrt-cu12), or build an ONNX export (--to onnx) and use "
-                "ONNX Runtime's TensorRT execution provider (runtimes.load(DIR, backend='onnx', device='tensorrt')).")
-    return "--to trt: the TensorRT engine builder is not part of this version yet; use --to onnx."
+        check_checkpoint(Path(model))
+        settings = EngineBuildSettings(precision=precision, buckets=tuple(parse_buckets(buckets)),
+                                       workspace_gib=workspace_gib, timing_cache=timing_cache,
+                                       version_compatible=version_compatible)
+        folder = build_engine_folder(model, out, settings, overwrite=overwrite, log=_log)
+    except (ModelFileError, ExportError, TensorRTUnavailable, ValueError) as exc:
+        raise BadInput(str(exc)) from exc
+    if verify:
+        _verify_engine(Path(model), folder, precision)
+
+
+def _verify_engine(model: Path, folder: Path, precision: str) -> None:
+    """Parity of the engine against PyTorch fp32 on the GPU; recorded in the manifest, exit 1 below it."""
+    from runtimes.backends.torch_backend import TorchBackend
+    from runtimes.backends.trt_backend import TensorRTBackend
+    from runtimes.config import load_config
+    from runtimes.export_format import MANIFEST_FILE
+    from runtimes.files import atomic_path
+
+    from .onnx_export import PRECISIONS
+    from .verify import compare_backends, describe_failure, parity_cases, parity_thresholds
+
+    _log("Verifying the engine against the PyTorch backend (fp32, cuda)")
+    report = compare_backends(TorchBackend.from_folder(model, device="cuda"), TensorRTBackend(folder),
+                              parity_cases(load_config(model)), log=_log, **parity_thresholds(PRECISIONS[precision]))
+    manifest_path = folder / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["tensorrt_parity"] = report
+    with atomic_path(manifest_path) as tmp:
+        Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    if not report["passed"]:
+        _log(describe_failure(report))
+        sys.exit(EXIT_VERIFY_FAILED)
+    _log(f"  max abs diff {report['max_abs_diff']:.3g}, min cosine {report['min_cosine']:.6f}: passed")

@@ -176,7 +176,7 @@ def export_onnx(checkpoint, out, target: str = "cpu", opset: int | None = None, 
         )
         with atomic_path(staging / MANIFEST_FILE) as tmp:
             Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _publish(staging, out)
+        publish_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -242,7 +242,7 @@ def build_manifest(checkpoint: Path, folder: Path, opset: int, export_seconds: f
     }
 
 
-def _publish(staging: Path, out: Path) -> None:
+def publish_folder(staging: Path, out: Path) -> None:
     """Rename the finished staging folder onto ``out``; an old ``out`` is removed only afterwards."""
     if out.exists():
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"

@@ -208,3 +208,69 @@ def test_onnx_backend_rejects_damaged_or_foreign_files(onnx_export, tmp_path):
 def test_loading_a_checkpoint_with_the_onnx_backend_says_to_export(checkpoint):
     with pytest.raises(runtimes.ModelFileError, match="export the checkpoint first"):
         runtimes.load(checkpoint, backend="onnx")
+
+
+def test_tensorrt_provider_options_carry_profiles_cache_and_fp16(tmp_path):
+    from runtimes.backends.onnx_backend import providers_for, tensorrt_provider_options
+    from runtimes.trt_plan import plan_profiles
+
+    profiles = plan_profiles([(512, 8), (4096, 1)], max_position_embeddings=4096)
+    options = tensorrt_provider_options(profiles, engine_cache_path=tmp_path, fp16=True)
+    assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"] == str(tmp_path)
+    assert options["trt_fp16_enable"] is True
+    mins = options["trt_profile_min_shapes"].split(",")
+    maxs = options["trt_profile_max_shapes"].split(",")
+    assert len(mins) == len(maxs) == 2 * 3  # two profiles x three inputs
+    assert "input_ids:8x512" in maxs and "input_ids:1x4096" in maxs
+    assert "input_ids:1x513" in mins  # the second bucket starts after the first
+    provider, provider_options = providers_for("tensorrt:1", options)[0]
+    assert provider == "TensorrtExecutionProvider" and provider_options["device_id"] == 1
+    assert provider_options["trt_fp16_enable"] is True
+    assert providers_for("tensorrt")[1][0] == "CUDAExecutionProvider"
+    assert tensorrt_provider_options() == {}
+
+
+def test_cli_trt_without_tensorrt_exits_2_and_writes_nothing(checkpoint, tmp_path):
+    pytest.importorskip("click")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here: the missing-TensorRT path cannot be shown")
+    except ImportError:
+        pass
+    out = tmp_path / "engine"
+    result = CliRunner().invoke(main, ["--model", str(checkpoint), "--to", "trt", "--out", str(out)])
+    assert result.exit_code == 2
+    assert "TensorRT is not installed" in result.output and "pip install tensorrt-cu12" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("precision, low", [("fp16", onnx.TensorProto.FLOAT16), ("bf16", onnx.TensorProto.BFLOAT16)])
+def test_reduced_precision_graph_keeps_norms_softmax_and_rotary_in_fp32(checkpoint, tmp_path, precision, low):
+    """The graph strongly typed TensorRT builds from: matmuls in fp16/bf16, LayerNorm, Softmax and the
+    rotary Cos/Sin tables in fp32 (fp16 LayerNorm overflows; 16-bit rotary tables misplace far tokens)."""
+    result = exporter.export_onnx(checkpoint, tmp_path / precision, target="gpu", precision=precision,
+                                  log=lambda m: None)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(result.folder / ONNX_FILE)))
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+
+    def input_types(op):
+        return [types.get(n.input[0]) for n in model.graph.node if n.op_type == op]
+
+    for op in ("LayerNormalization", "Softmax", "Cos", "Sin"):
+        found = input_types(op)
+        assert found and set(found) == {onnx.TensorProto.FLOAT}, (op, found)
+    matmul_inputs = set(input_types("MatMul"))
+    assert low in matmul_inputs, matmul_inputs
+    big_weights = [i for i in model.graph.initializer if np.prod(i.dims) >= 32 * 32]
+    assert big_weights and all(i.data_type in (low, onnx.TensorProto.FLOAT) for i in big_weights)
+    assert sum(i.data_type == low for i in big_weights) > len(big_weights) / 2
+    assert {o.type.tensor_type.elem_type for o in model.graph.output} == {onnx.TensorProto.FLOAT}
+    manifest = manifest_of(result.folder)
+    assert manifest["precision"] == {"fp16": "float16", "bf16": "bfloat16"}[precision]
+    assert manifest["attention"]["pooling"] == "centered_float32"
+    if precision == "fp16":
+        assert manifest["parity"]["passed"] and manifest["parity"]["min_cosine"] >= 0.999
+    else:
+        assert "no bfloat16 kernels" in manifest["parity"]["skipped"]

@@ -16,10 +16,12 @@ from typing import Protocol
 
 import numpy as np
 
-# name -> ("module:class", the pip extra that installs its dependencies); imported lazily.
+# name -> ("module:class", how to install what it needs); imported lazily.
 _BACKENDS = {
-    "torch": ("runtimes.backends.torch_backend:TorchBackend", "torch"),
-    "onnx": ("runtimes.backends.onnx_backend:OnnxBackend", "onnx"),
+    "torch": ("runtimes.backends.torch_backend:TorchBackend", "pip install 'dewey[torch]'"),
+    "onnx": ("runtimes.backends.onnx_backend:OnnxBackend", "pip install 'dewey[onnx]'"),
+    "trt": ("runtimes.backends.trt_backend:TensorRTBackend",
+            "on a GPU machine: pip install 'dewey[torch]' tensorrt-cu12 (TensorRT comes from NVIDIA's index)"),
 }
 
 
@@ -39,13 +41,12 @@ def available_backends() -> tuple[str, ...]:
 def get_backend_class(name: str):
     if name not in _BACKENDS:
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(_BACKENDS)}")
-    target, extra = _BACKENDS[name]
+    target, install = _BACKENDS[name]
     module_name, class_name = target.split(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ImportError(
-            f"backend {name!r} needs the package {exc.name!r}, which is not installed: "
-            f"pip install 'dewey[{extra}]'"
+            f"backend {name!r} needs the package {exc.name!r}, which is not installed: {install}"
         ) from exc
     return getattr(module, class_name)
