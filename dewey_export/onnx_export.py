@@ -163,17 +163,14 @@ def export_onnx(checkpoint, out, target: str = "cpu", opset: int | None = None, 
         else:
             parity = {"skipped": True, "thresholds": thresholds}
 
-        manifest = build_manifest(checkpoint, staging, opset, export_seconds, parity)
-        manifest.update(
-            precision=PRECISIONS[precision],
-            target=target,
-            attention={
-                "mode": attention,
-                "sliding_layers": "block-local, exact (W x 3W band)" if attention == "linear" else "dense masked",
-                "global_layers": ATTENTION_FORMS[(attention, global_kernel)],
-                "pooling": model.pooling,
-            },
-        )
+        attention_forms = {
+            "mode": attention,
+            "sliding_layers": "block-local, exact (W x 3W band)" if attention == "linear" else "dense masked",
+            "global_layers": ATTENTION_FORMS[(attention, global_kernel)],
+            "pooling": model.pooling,
+        }
+        manifest = build_manifest(checkpoint, staging, opset, PRECISIONS[precision], target, attention_forms,
+                                  export_seconds, parity)
         with atomic_path(staging / MANIFEST_FILE) as tmp:
             Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         publish_folder(staging, out)
@@ -192,7 +189,7 @@ def _trace(model, onnx_path: Path, opset: int, external_data: bool, contrib: boo
     assert not model.training, "export needs an eval-mode model"
     window = int(getattr(model.config, "local_attention", 128))
     # Example sizes above 1 so torch.export keeps every axis dynamic; longer than one window.
-    batch, seq, chunks = 2, window + 37, 3
+    batch, seq = 2, window + 37
     input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
     attention_mask = torch.ones(batch, seq, dtype=torch.long)
     attention_mask[1, seq // 2 :] = 0
@@ -218,7 +215,8 @@ def _trace(model, onnx_path: Path, opset: int, external_data: bool, contrib: boo
     assert not model.training, "export switched the model to train mode"
 
 
-def build_manifest(checkpoint: Path, folder: Path, opset: int, export_seconds: float, parity: dict) -> dict:
+def build_manifest(checkpoint: Path, folder: Path, opset: int, precision: str, target: str, attention: dict,
+                   export_seconds: float, parity: dict) -> dict:
     onnx_path = folder / ONNX_FILE
     external = sorted(p.name for p in folder.iterdir() if p.name.startswith(ONNX_FILE + "."))
     return {
@@ -236,6 +234,9 @@ def build_manifest(checkpoint: Path, folder: Path, opset: int, export_seconds: f
             "inputs": {name: {"type": t, "axes": axes} for name, (t, axes) in INPUTS.items()},
             "outputs": {name: {"type": t, "axes": axes} for name, (t, axes) in OUTPUTS.items()},
         },
+        "precision": precision,
+        "target": target,
+        "attention": attention,
         "export_seconds": round(export_seconds, 2),
         "tools": tool_versions(),
         "parity": parity,

@@ -274,3 +274,14 @@ def test_reduced_precision_graph_keeps_norms_softmax_and_rotary_in_fp32(checkpoi
         assert manifest["parity"]["passed"] and manifest["parity"]["min_cosine"] >= 0.999
     else:
         assert "no bfloat16 kernels" in manifest["parity"]["skipped"]
+
+
+def test_weights_over_the_threshold_go_to_external_data(checkpoint, tmp_path, monkeypatch):
+    """Above protobuf's 2 GB limit the weights move to model.onnx.data (threshold lowered to show it)."""
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)
+    result = exporter.export_onnx(checkpoint, tmp_path / "ext", log=lambda m: None)
+    data = result.folder / (ONNX_FILE + ".data")
+    assert data.is_file() and data.stat().st_size >= 0.9 * (checkpoint / "model.safetensors").stat().st_size
+    assert result.manifest["onnx"]["external_data"] == {data.name: exporter.sha256_file(data)}
+    assert result.passed
+    assert runtimes.load(result.folder, backend="onnx").encode(["external weights"]).shape == (1, 48)

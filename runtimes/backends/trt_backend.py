@@ -66,6 +66,16 @@ class TensorRTBackend:
                 f"tensorrt={self.metadata.tensorrt_version!r})")
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, span_bounds: np.ndarray):
+        batch, seq = input_ids.shape
+        # The Encoder packs batches by a token budget; a profile may allow fewer rows at this length.
+        limit = self.metadata.profiles[select_profile(self.metadata.profiles, 1, seq, span_bounds.shape[1])].batch[2]
+        if batch > limit:
+            parts = [self.forward(input_ids[i:i + limit], attention_mask[i:i + limit], span_bounds[i:i + limit])
+                     for i in range(0, batch, limit)]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return self._run(input_ids, attention_mask, span_bounds)
+
+    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, span_bounds: np.ndarray):
         torch = self._torch
         batch, seq = input_ids.shape
         profile = select_profile(self.metadata.profiles, batch, seq, span_bounds.shape[1])
