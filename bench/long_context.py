@@ -8,7 +8,8 @@ Engines: ``torch`` (PyTorch backend, linear attention), ``onnx`` (ONNX Runtime, 
 block-local sliding layers and the contrib MultiHeadAttention flash kernel), and the plain ``dense``
 export (transformers' graph with S x S masks) where it fits. Each measurement runs in its own child
 process; its peak RSS comes from that child's rusage (os.wait4), so imports and the model are counted
-and one measurement cannot inflate the next. The document's vectors are its mean and its 256/64-token
+and one measurement cannot inflate the next (models are built in another child: a forked child's
+ru_maxrss starts from its parent's peak, so the measuring parent holds no model). The document's vectors are its mean and its 256/64-token
 chunks, pooled in the same pass. Not a test: the README records the figures and this command.
 """
 
@@ -114,27 +115,33 @@ def measure(engine: str, folder: Path, length: int, threads: int, timeout: int, 
     return result
 
 
-def prepare(shape: str, workdir: Path) -> dict[str, Path]:
-    """Checkpoint and the two exports of a shape, built once and kept in workdir."""
+def folders_of(shape: str, workdir: Path) -> dict[str, Path]:
+    checkpoint = workdir / shape
+    return {"torch": checkpoint, "torch-dense": checkpoint, "onnx": workdir / f"{shape}-onnx",
+            "dense": workdir / f"{shape}-dense"}
+
+
+def prepare(shape: str, workdir: Path) -> None:
+    """Checkpoint and the two exports of a shape, built once and kept in workdir.
+
+    Runs in a child process of its own: Linux carries a parent's peak RSS at fork into the child's
+    ru_maxrss, so the measuring parent must stay small (no torch, no model in it)."""
     from dewey_export.onnx_export import export_onnx
     from runtimes.testing import make_test_checkpoint
 
-    checkpoint = workdir / shape
-    if not (checkpoint / "model.safetensors").is_file():
-        make_test_checkpoint(checkpoint, max_position_embeddings=131072, local_attention=128, **SHAPES[shape])
-    folders = {"torch": checkpoint, "torch-dense": checkpoint}
+    folders = folders_of(shape, workdir)
+    if not (folders["torch"] / "model.safetensors").is_file():
+        make_test_checkpoint(folders["torch"], max_position_embeddings=131072, local_attention=128, **SHAPES[shape])
     for engine, attention in (("onnx", "linear"), ("dense", "dense")):
-        folder = workdir / f"{shape}-{engine}"
-        if not (folder / "dewey_export.json").is_file():
-            export_onnx(checkpoint, folder, target="cpu", attention=attention, verify=False, overwrite=True,
-                        log=lambda message: None)
-        folders[engine] = folder
-    return folders
+        if not (folders[engine] / "dewey_export.json").is_file():
+            export_onnx(folders["torch"], folders[engine], target="cpu", attention=attention, verify=False,
+                        overwrite=True, log=lambda message: None)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=3, metavar=("ENGINE", "FOLDER", "LENGTH"), help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", nargs=2, metavar=("SHAPE", "WORKDIR"), help=argparse.SUPPRESS)
     parser.add_argument("--shapes", nargs="+", default=["tiny", "base"], choices=sorted(SHAPES))
     parser.add_argument("--lengths", nargs="+", type=int, help="override the default lengths of every shape")
     parser.add_argument("--engines", nargs="+", default=["torch", "onnx", "dense"],
@@ -150,19 +157,19 @@ def main() -> None:
     if args.child:
         engine, folder, length = args.child
         return child(engine, folder, int(length))
-
-    import warnings
+    if args.prepare:
+        return prepare(args.prepare[0], Path(args.prepare[1]))
 
     import numpy as np
 
-    warnings.filterwarnings("ignore")
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"one document, batch 1, {args.threads} threads; peak RSS of the measuring process\n")
     print("| shape | tokens | engine | seconds | peak RSS GiB | max abs diff vs dense |")
     print("|---|---|---|---|---|---|", flush=True)
     rows = []
     for shape in args.shapes:
-        folders = prepare(shape, args.workdir)
+        subprocess.run([sys.executable, __file__, "--prepare", shape, str(args.workdir)], check=True)
+        folders = folders_of(shape, args.workdir)
         for length in args.lengths or DEFAULT_LENGTHS[shape]:
             for engine in args.engines:
                 if engine in ("dense", "torch-dense") and length > DENSE_MAX_LENGTH[shape]:

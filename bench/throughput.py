@@ -1,7 +1,7 @@
 """Throughput of the PyTorch and ONNX Runtime backends on the same texts, in one run.
 
     python bench/throughput.py                      # tiny and ModernBERT-base shapes, 2 threads
-    python bench/throughput.py --shapes base --opsets 18 23 --profile
+    python bench/throughput.py --shapes base --opsets 18 23 --attention linear dense --profile
 
 For each model shape: build a random checkpoint (runtimes.testing), export it to ONNX (timed), then
 encode the same 8 texts of exactly 512 tokens each (one batch of 8 x 512, through the Encoder, so
@@ -87,6 +87,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["tiny", "base"], choices=sorted(SHAPES))
     parser.add_argument("--opsets", nargs="+", type=int, default=[18], choices=[18, 23])
+    parser.add_argument("--attention", nargs="+", default=["linear"], choices=["linear", "dense"],
+                        help="attention forms to export: linear (the default export) and/or dense (plain)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=512, help="tokens per row, [CLS] and [SEP] included")
@@ -100,6 +102,8 @@ def main() -> None:
 
     import runtimes
     from dewey_export.onnx_export import export_onnx
+    from runtimes.backends.torch_backend import TorchBackend
+    from runtimes.modeling import DeweyModel
     from runtimes.testing import make_test_checkpoint
 
     torch.set_num_threads(args.threads)
@@ -111,27 +115,35 @@ def main() -> None:
             torch_encoder = runtimes.load(checkpoint, backend="torch")
             texts = texts_of_exactly(torch_encoder, args.tokens, args.batch)
             seconds = time_encode(torch_encoder, texts, args.batch, args.repeats, args.warmup)
-            rows.append(dict(shape=shape, backend="torch sdpa fp32", export_s=None, seconds=seconds))
-            for opset in args.opsets:
-                folder = Path(tmp) / f"{shape}-onnx{opset}"
-                started = time.perf_counter()
-                export_onnx(checkpoint, folder, opset=opset, verify=False, log=lambda message: None)
-                export_s = time.perf_counter() - started
-                onnx_encoder = runtimes.load(folder, backend="onnx", intra_op_num_threads=args.threads)
-                seconds = time_encode(onnx_encoder, texts, args.batch, args.repeats, args.warmup)
-                rows.append(dict(shape=shape, backend=f"onnxruntime fp32 opset {opset}", export_s=export_s,
+            rows.append(dict(shape=shape, backend="torch fp32, linear attention", export_s=None, seconds=seconds))
+            if "dense" in args.attention:
+                dense = runtimes.Encoder(torch_encoder.config, torch_encoder.tokenizer,
+                                         TorchBackend(DeweyModel.from_pretrained(checkpoint, attention="dense")))
+                seconds = time_encode(dense, texts, args.batch, args.repeats, args.warmup)
+                rows.append(dict(shape=shape, backend="torch fp32, dense attention (sdpa + masks)", export_s=None,
                                  seconds=seconds))
-                if args.profile:
-                    print(f"\nONNX Runtime time per operator, {shape} opset {opset}:")
-                    for op, share in ort_profile(folder, texts, args.batch, args.threads):
-                        print(f"  {op:<28} {share:5.1f} %")
+            for attention in args.attention:
+                for opset in args.opsets:
+                    folder = Path(tmp) / f"{shape}-{attention}-onnx{opset}"
+                    started = time.perf_counter()
+                    export_onnx(checkpoint, folder, opset=opset, attention=attention, verify=False,
+                                log=lambda message: None)
+                    export_s = time.perf_counter() - started
+                    onnx_encoder = runtimes.load(folder, backend="onnx", intra_op_num_threads=args.threads)
+                    seconds = time_encode(onnx_encoder, texts, args.batch, args.repeats, args.warmup)
+                    name = f"onnxruntime fp32 opset {opset}, {attention} attention"
+                    rows.append(dict(shape=shape, backend=name, export_s=export_s, seconds=seconds))
+                    if args.profile:
+                        print(f"\nONNX Runtime time per operator, {shape}, {name}:")
+                        for op, share in ort_profile(folder, texts, args.batch, args.threads):
+                            print(f"  {op:<28} {share:5.1f} %")
 
     tokens = args.batch * args.tokens
     print(f"\nbatch {args.batch} x {args.tokens} tokens, {args.threads} threads, median of {args.repeats}\n")
     print("| shape | backend | s/batch | sequences/s | tokens/s | vs torch | export s |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
-        base = next(r for r in rows if r["shape"] == row["shape"] and r["backend"].startswith("torch"))
+        base = next(r for r in rows if r["shape"] == row["shape"] and r["backend"].startswith("torch fp32, linear"))
         row.update(sequences_per_s=args.batch / row["seconds"], tokens_per_s=tokens / row["seconds"],
                    speedup=base["seconds"] / row["seconds"])
         export = f"{row['export_s']:.1f}" if row["export_s"] is not None else "-"

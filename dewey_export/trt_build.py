@@ -149,13 +149,16 @@ def _build(trt, onnx_path: Path, plan, profiles, settings: EngineBuildSettings, 
     if settings.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     if plan.fp32_layers:
-        pinned = {getattr(trt.LayerType, kind) for kind in plan.fp32_layers}
+        # Layer kinds this TensorRT does not know are skipped (LayerType grows between versions).
+        pinned = {getattr(trt.LayerType, kind) for kind in plan.fp32_layers if hasattr(trt.LayerType, kind)}
+        floats = {trt.float32, trt.float16, trt.bfloat16}
         for index in range(network.num_layers):
             layer = network.get_layer(index)
             if layer.type in pinned:
                 layer.precision = trt.float32
                 for output in range(layer.num_outputs):
-                    layer.set_output_type(output, trt.float32)
+                    if layer.get_output(output).dtype in floats:
+                        layer.set_output_type(output, trt.float32)
     for profile in profiles:
         optimization_profile = builder.create_optimization_profile()
         for name, (low, opt, high) in profile.shapes().items():
