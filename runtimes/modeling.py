@@ -8,9 +8,11 @@ import this module; ``runtimes`` itself never does at import time.
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import attention as linear_attention
@@ -50,46 +52,81 @@ def backbone_config(raw: dict, attention: str = "linear"):
 
 # How span_means accumulates its prefix sums. "float64": exact to float64 rounding; the default.
 # "centered_float32": for engines without float64 (TensorRT): each row's per-dimension mean is
-# subtracted before a float32 prefix sum and added back after, so the prefix drifts like a random walk
-# (~sqrt(S)) instead of growing with S x mean; error at 128k stays near 1e-6 of the vectors.
+# subtracted first, so prefix sums drift like a random walk (~sqrt(S)) instead of growing with S x mean.
 POOLING_ACCUMULATIONS = ("float64", "centered_float32")
+# Tokens per pooling block: sums inside a block (at most this many terms) stay in float32; only the
+# short sequence of block totals (S / 64 rows) is accumulated in float64.
+POOL_BLOCK = 64
 
 
 def span_means(hidden: torch.Tensor, attention_mask: torch.Tensor, span_bounds: torch.Tensor,
                accumulate: str = "float64") -> torch.Tensor:
-    """Mean of ``hidden[b, start:end]`` for every ``(start, end)`` in ``span_bounds[b, c]``.
+    """Mean of ``hidden[b, start:end]`` for every ``(start, end)`` in ``span_bounds[b, c]``; float32.
 
-    Prefix sums make this one vectorised op for any number of spans. A plain float32 prefix grows with
-    the position, and the difference of two large prefixes late in a 128k-token row would lose the
-    digits of a 256-token span: see ``POOLING_ACCUMULATIONS``. An empty span (start == end) gives zeros.
-    Padded positions are zeroed with ``where``, never by multiplying, so a NaN in a padding row cannot
-    reach a prefix. Returns float32 (float64 when accumulating in float64 is asked of a float64 input).
+    Two-level prefix sums make this one vectorised op for any number of spans, in linear memory: a
+    float32 running sum inside each block of ``POOL_BLOCK`` tokens, and a running sum of the block
+    totals in float64. A single float32 prefix over the row would grow with the position, and the
+    difference of two large prefixes late in a 128k-token row would lose the digits of a 256-token
+    span; a float64 prefix over every token would hold two more [B, S, D] float64 copies. An empty span
+    (start == end) gives zeros. Padded positions are zeroed with ``where``, never by multiplying, so a
+    NaN in a padding row cannot reach a sum.
     """
     if accumulate not in POOLING_ACCUMULATIONS:
         raise ValueError(f"accumulate must be one of {POOLING_ACCUMULATIONS}, got {accumulate!r}")
-    batch, _, width = hidden.shape
+    batch, seq, width = hidden.shape
+    total_dtype = torch.float64 if accumulate == "float64" else torch.float32
+    zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
     valid = attention_mask.bool().unsqueeze(-1)
-    dtype = torch.float64 if accumulate == "float64" else torch.float32
-    values = torch.where(valid, hidden.to(dtype), torch.zeros((), dtype=dtype, device=hidden.device))
+    values = torch.where(valid, hidden.float(), zero)
     if accumulate == "centered_float32":
-        count = valid.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)
+        count = valid.sum(dim=1, keepdim=True).clamp(min=1).float()
         center = values.sum(dim=1, keepdim=True) / count  # [B, 1, D]
-        values = torch.where(valid, values - center, torch.zeros((), dtype=dtype, device=hidden.device))
-    prefix = torch.cumsum(values, dim=1)  # prefix[:, i] = sum of values[:, :i + 1]
-    starts = span_bounds[..., 0]
-    ends = span_bounds[..., 1]
+        values = torch.where(valid, values - center, zero)
+    blocks = (seq + POOL_BLOCK - 1) // POOL_BLOCK
+    values = F.pad(values, (0, 0, 0, blocks * POOL_BLOCK - seq)).reshape(batch, blocks, POOL_BLOCK, width)
+    inner = torch.cumsum(values, dim=2)  # inclusive sums inside each block
+    block_totals = inner[:, :, -1].to(total_dtype)  # [B, nb, D]
+    before_block = torch.cumsum(block_totals, dim=1) - block_totals  # sum of the blocks before each
+    inner = inner.reshape(batch, blocks * POOL_BLOCK, width)
 
-    def at(index: torch.Tensor) -> torch.Tensor:
-        """Sum of values[:, :index]; read from prefix[index - 1], without a zero row concatenated
-        in front (which would copy the whole [B, S, D] prefix once more)."""
-        rows = torch.gather(prefix, 1, (index - 1).clamp(min=0).unsqueeze(-1).expand(-1, -1, width))
-        return torch.where((index > 0).unsqueeze(-1), rows, torch.zeros((), dtype=dtype, device=rows.device))
+    def gather(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return torch.gather(source, 1, index.unsqueeze(-1).expand(-1, -1, width))
 
+    def prefix(index: torch.Tensor) -> torch.Tensor:
+        """Sum of values[:, :index], from the last included token (index - 1) and its block."""
+        last = (index - 1).clamp(min=0)
+        total = gather(before_block, last // POOL_BLOCK) + gather(inner, last).to(total_dtype)
+        return torch.where((index > 0).unsqueeze(-1), total, torch.zeros((), dtype=total_dtype, device=total.device))
+
+    starts, ends = span_bounds[..., 0], span_bounds[..., 1]
     lengths = (ends - starts).unsqueeze(-1)
-    means = (at(ends) - at(starts)) / lengths.clamp(min=1).to(dtype)
+    means = (prefix(ends) - prefix(starts)) / lengths.clamp(min=1).to(total_dtype)
     if accumulate == "centered_float32":
-        means = torch.where(lengths > 0, means + center, torch.zeros((), dtype=dtype, device=hidden.device))
-    return means.to(torch.promote_types(hidden.dtype, torch.float32))
+        means = torch.where(lengths > 0, means + center, torch.zeros((), dtype=total_dtype, device=hidden.device))
+    return means.float()
+
+
+# ModernBERT's GLU MLP runs in this many column chunks of its intermediate layer (a loop fixed at trace
+# time): its [S, 2 x intermediate] activations are, after attention scores, the largest values of a long
+# document's forward, and ONNX Runtime copies both halves when transformers splits them.
+MLP_CHUNKS = 4
+
+
+def chunked_glu_forward(mlp: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``Wo(act(x Wi_in) * x Wi_gate)`` of a ModernBertMLP, one intermediate column chunk at a time;
+    the same function as ``ModernBertMLP.forward`` up to float rounding of the final sum."""
+    inner = mlp.Wo.in_features
+    step = -(-inner // MLP_CHUNKS)
+    out = None
+    for start in range(0, inner, step):
+        stop = min(start + step, inner)
+        bias_in = mlp.Wi.bias[start:stop] if mlp.Wi.bias is not None else None
+        bias_gate = mlp.Wi.bias[inner + start:inner + stop] if mlp.Wi.bias is not None else None
+        value = F.linear(hidden_states, mlp.Wi.weight[start:stop], bias_in)
+        gate = F.linear(hidden_states, mlp.Wi.weight[inner + start:inner + stop], bias_gate)
+        part = F.linear(mlp.drop(mlp.act(value) * gate), mlp.Wo.weight[:, start:stop])
+        out = part if out is None else out + part
+    return out if mlp.Wo.bias is None else out + mlp.Wo.bias
 
 
 class Float32LayerNorm(nn.Module):
@@ -142,6 +179,10 @@ class DeweyModel(nn.Module):
         self.backbone = ModernBertModel(config)
         self.attention = "linear" if config._attn_implementation == linear_attention.ATTENTION_NAME else "dense"
         self.pooling = "float64"  # see POOLING_ACCUMULATIONS; the TensorRT target sets centered_float32
+        if self.attention == "linear":
+            # Bound per instance, so parameter names (and checkpoints) stay ModernBERT's own.
+            for layer in self.backbone.layers:
+                layer.mlp.forward = types.MethodType(chunked_glu_forward, layer.mlp)
         vector_size = getattr(config, "vector_size", config.hidden_size)
         self.head = None if vector_size == config.hidden_size else nn.Linear(config.hidden_size, vector_size, bias=False)
 
