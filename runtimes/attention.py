@@ -37,9 +37,6 @@ MASKED_KEY = -1e9
 # finite, so an all-masked row softmaxes to uniform weights instead of NaN.
 _MASKED_SCORE = -1e30
 
-# Heads per group in sliding layers: 4 of Dewey's 16 keeps a quarter of the score tensors alive.
-HEAD_GROUP = 1
-
 # Global-attention kernels: "sdpa" (PyTorch; exports to MatMul/Softmax at opset 18 and to the fused
 # Attention op at opset 23) or "ort_contrib" (com.microsoft.MultiHeadAttention, for ONNX Runtime CPU).
 GLOBAL_KERNELS = ("sdpa", "ort_contrib")
@@ -50,21 +47,7 @@ def sliding_window_attention(query, key, value, key_valid, window: int, scaling:
 
     ``key_valid`` is a [B, S] bool tensor (False for padding). A query with no valid key in reach
     (padding far from any real token) gets a zero output instead of the NaN of an all-masked softmax.
-    Heads run in groups of ``HEAD_GROUP`` (a loop fixed at trace time), so only one group's score
-    tensors exist at a time: they are the largest values of a long document's forward.
     """
-    heads = query.shape[1]
-    if heads <= HEAD_GROUP:
-        return _sliding_heads(query, key, value, key_valid, window, scaling)
-    groups = [
-        _sliding_heads(query[:, h:h + HEAD_GROUP], key[:, h:h + HEAD_GROUP], value[:, h:h + HEAD_GROUP],
-                       key_valid, window, scaling)
-        for h in range(0, heads, HEAD_GROUP)
-    ]
-    return torch.cat(groups, dim=2)
-
-
-def _sliding_heads(query, key, value, key_valid, window: int, scaling: float):
     batch, heads, seq, dim = query.shape
     blocks = (seq + window - 1) // window
     pad = blocks * window - seq

@@ -8,7 +8,6 @@ import this module; ``runtimes`` itself never does at import time.
 from __future__ import annotations
 
 import json
-import types
 from pathlib import Path
 
 import torch
@@ -106,29 +105,6 @@ def span_means(hidden: torch.Tensor, attention_mask: torch.Tensor, span_bounds: 
     return means.float()
 
 
-# ModernBERT's GLU MLP runs in this many column chunks of its intermediate layer (a loop fixed at trace
-# time): its [S, 2 x intermediate] activations are, after attention scores, the largest values of a long
-# document's forward, and ONNX Runtime copies both halves when transformers splits them.
-MLP_CHUNKS = 4
-
-
-def chunked_glu_forward(mlp: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """``Wo(act(x Wi_in) * x Wi_gate)`` of a ModernBertMLP, one intermediate column chunk at a time;
-    the same function as ``ModernBertMLP.forward`` up to float rounding of the final sum."""
-    inner = mlp.Wo.in_features
-    step = -(-inner // MLP_CHUNKS)
-    out = None
-    for start in range(0, inner, step):
-        stop = min(start + step, inner)
-        bias_in = mlp.Wi.bias[start:stop] if mlp.Wi.bias is not None else None
-        bias_gate = mlp.Wi.bias[inner + start:inner + stop] if mlp.Wi.bias is not None else None
-        value = F.linear(hidden_states, mlp.Wi.weight[start:stop], bias_in)
-        gate = F.linear(hidden_states, mlp.Wi.weight[inner + start:inner + stop], bias_gate)
-        part = F.linear(mlp.drop(mlp.act(value) * gate), mlp.Wo.weight[:, start:stop])
-        out = part if out is None else out + part
-    return out if mlp.Wo.bias is None else out + mlp.Wo.bias
-
-
 class Float32LayerNorm(nn.Module):
     """A LayerNorm that computes in float32 inside a reduced-precision model (fp16 overflows there)."""
 
@@ -179,10 +155,7 @@ class DeweyModel(nn.Module):
         self.backbone = ModernBertModel(config)
         self.attention = "linear" if config._attn_implementation == linear_attention.ATTENTION_NAME else "dense"
         self.pooling = "float64"  # see POOLING_ACCUMULATIONS; the TensorRT target sets centered_float32
-        if self.attention == "linear":
-            # Bound per instance, so parameter names (and checkpoints) stay ModernBERT's own.
-            for layer in self.backbone.layers:
-                layer.mlp.forward = types.MethodType(chunked_glu_forward, layer.mlp)
+
         vector_size = getattr(config, "vector_size", config.hidden_size)
         self.head = None if vector_size == config.hidden_size else nn.Linear(config.hidden_size, vector_size, bias=False)
 

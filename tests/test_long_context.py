@@ -50,36 +50,6 @@ def test_sliding_attention_equals_masked_dense(seq, window):
     assert float((ours - reference).abs()[real].max()) <= ATTENTION_ATOL
 
 
-@pytest.mark.parametrize("heads", [4, 9])
-def test_sliding_attention_in_head_groups_equals_dense(heads):
-    """More heads than one group (4): the groups, the last one partial, join back in head order."""
-    query, key, value = random_qkv(2, heads, 77, 8, seed=heads)
-    valid = torch.ones(2, 77, dtype=torch.bool)
-    valid[1, 50:] = False
-    ours = sliding_window_attention(query, key, value, valid, 8, 0.3)
-    reference = dense_reference(query, key, value, valid, 8, 0.3)
-    real = valid[:, :, None, None].expand_as(ours)
-    assert float((ours - reference).abs()[real].max()) <= ATTENTION_ATOL
-
-
-def test_chunked_mlp_equals_modernbert_mlp(checkpoint):
-    """The MLP run in column chunks is ModernBERT's own GLU MLP, up to float rounding."""
-    from transformers.models.modernbert.modeling_modernbert import ModernBertMLP
-
-    from runtimes.modeling import chunked_glu_forward
-
-    model = DeweyModel.from_pretrained(checkpoint)
-    mlp = model.backbone.layers[1].mlp
-    x = torch.randn(2, 33, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        ours = chunked_glu_forward(mlp, x)
-        theirs = ModernBertMLP.forward(mlp, x)
-        bound = mlp(x)
-    assert float((ours - theirs).abs().max()) <= ATTENTION_ATOL
-    assert torch.equal(bound, ours), "the linear-attention model must run the chunked MLP"
-    assert "Wi.weight" in dict(mlp.named_parameters()), "parameter names must stay ModernBERT's"
-
-
 def test_sliding_attention_window_is_inclusive():
     """|i - j| <= window, not < window: a one-off band would differ from ModernBERT by far more."""
     query, key, value = random_qkv(1, 2, 50, 16)
