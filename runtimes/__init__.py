@@ -38,7 +38,8 @@ def load(path: str | Path, backend: str = "torch", device=None, dtype=None, **ba
     (default) or ``bfloat16``.
     backend ``onnx``: an export folder (``dewey-export --to onnx``); device ``cpu`` (default),
     ``cuda[:N]`` or ``tensorrt[:N]`` (ONNX Runtime execution providers); options ``providers``,
-    ``intra_op_num_threads``, ``session_options``.
+    ``intra_op_num_threads``, ``session_options``, ``tensorrt_options``.
+    backend ``trt``: a ``dewey-export --to trt`` folder; device ``cuda[:N]``.
     """
     path = Path(path)
     if not path.is_dir():
