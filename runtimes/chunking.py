@@ -6,6 +6,10 @@ maps back to a slice of the caller's original string.
 
 - ``tokens``: fixed windows of ``chunk_size`` tokens, stepping ``chunk_size - chunk_overlap``, on token
   ids (the authors' retrieval setting is 256 / 64).
+- ``words``: windows of at most ``chunk_size`` tokens that start and end at word boundaries (a word
+  is a whitespace-delimited run of the text), stepping back about ``chunk_overlap`` tokens; a single
+  word longer than ``chunk_size`` tokens is cut. This is the paper's "split by words", counted in
+  tokens.
 - ``recursive``: boundaries at paragraphs, then lines, sentences, words, as the maintained
   semantic-text-splitter library finds them with the model's own tokenizer counting the size; overlap
   in tokens. The library measures each chunk tokenized alone; inside the whole text a boundary token
@@ -19,7 +23,7 @@ import numpy as np
 
 from .validation import require_int
 
-SPLITTERS = ("tokens", "recursive")
+SPLITTERS = ("tokens", "words", "recursive")
 
 
 def check_chunk_args(chunk_size, chunk_overlap, splitter: str) -> None:
@@ -51,6 +55,46 @@ def token_windows(n_tokens: int, chunk_size: int, chunk_overlap: int) -> np.ndar
     return np.asarray(spans, dtype=np.int64)
 
 
+def word_starts(text: str, offsets: np.ndarray) -> np.ndarray:
+    """Indices of the tokens that begin a word: the first token, and every token preceded by whitespace,
+    either between it and the previous token (WordPiece drops spaces) or as its own first character
+    (byte-level BPE keeps the space in the token: " word"). Sorted int64."""
+    starts = [0] if len(offsets) else []
+    for i in range(1, len(offsets)):
+        before = text[int(offsets[i - 1, 1]): int(offsets[i, 0]) + 1]
+        if any(ch.isspace() for ch in before):
+            starts.append(i)
+    return np.asarray(starts, dtype=np.int64)
+
+
+def word_windows(starts: np.ndarray, n_tokens: int, chunk_size: int, chunk_overlap: int) -> np.ndarray:
+    """Greedy windows over ``n_tokens`` whose ends fall on word starts (``starts``, from ``word_starts``):
+    each as long as whole words allow within ``chunk_size``. The next window starts at the first word
+    start at or after ``end - chunk_overlap`` from which it reaches past the current end (so no window
+    is contained in another); with none, at ``end``. Returns int64 [n_chunks, 2]."""
+    if n_tokens <= 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    bounds = np.append(starts[(starts > 0) & (starts < n_tokens)], n_tokens)
+
+    def window_end(start: int) -> int:
+        limit = start + chunk_size
+        if limit >= n_tokens:
+            return n_tokens
+        fitting = bounds[(bounds > start) & (bounds <= limit)]
+        return int(fitting[-1]) if len(fitting) else limit  # one word longer than chunk_size: cut it
+
+    spans = []
+    start, end = 0, window_end(0)
+    while True:
+        spans.append((start, end))
+        if end == n_tokens:
+            break
+        candidates = bounds[(bounds >= end - chunk_overlap) & (bounds > start) & (bounds < end)]
+        start = next((int(c) for c in candidates if window_end(int(c)) > end), end)
+        end = window_end(start)
+    return np.asarray(spans, dtype=np.int64)
+
+
 def spans_from_char_ranges(offsets: np.ndarray, char_ranges, chunk_size: int, chunk_overlap: int = 0) -> np.ndarray:
     """Token spans of the tokens that overlap each character range.
 
@@ -78,11 +122,13 @@ def char_spans(offsets: np.ndarray, token_spans: np.ndarray) -> np.ndarray:
 
 
 class RecursiveSplitter:
-    """semantic-text-splitter over the model tokenizer; one splitter per (size, overlap), cached."""
+    """semantic-text-splitter over the model tokenizer; one splitter per (size, overlap), the last
+    ``max_cached`` kept."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, max_cached: int = 32):
         self._tokenizer = tokenizer
         self._splitters = {}
+        self._max_cached = max_cached  # each splitter holds a copy of the tokenizer
 
     def char_ranges(self, text: str, chunk_size: int, chunk_overlap: int) -> list[tuple[int, int]]:
         key = (chunk_size, chunk_overlap)
@@ -94,6 +140,8 @@ class RecursiveSplitter:
                     "splitter='recursive' needs the semantic-text-splitter package: "
                     "pip install semantic-text-splitter"
                 ) from exc
+            if len(self._splitters) >= self._max_cached:
+                self._splitters.pop(next(iter(self._splitters)))  # the oldest
             self._splitters[key] = TextSplitter.from_huggingface_tokenizer(
                 self._tokenizer, chunk_size, overlap=chunk_overlap
             )

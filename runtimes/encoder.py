@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, pad_batch, plan_batches
-from .chunking import RecursiveSplitter, char_spans, check_chunk_args, spans_from_char_ranges, token_windows
+from .chunking import (
+    RecursiveSplitter, char_spans, check_chunk_args, spans_from_char_ranges, token_windows, word_starts, word_windows,
+)
 from .config import SINGLE_VECTOR_TYPES, DeweyConfig
 from .tokenization import DeweyTokenizer, TextTokens, check_texts
 from .validation import require_int
@@ -126,7 +128,7 @@ class Encoder:
         """Late chunking: one pass over each whole text, one vector per chunk (the mean of its tokens).
 
         chunk_size and chunk_overlap count tokens of the model's tokenizer; splitter is ``tokens``
-        (fixed windows on token ids) or ``recursive`` (paragraph, line, sentence, word boundaries).
+        (fixed windows on token ids), ``words`` (windows ending at word boundaries) or ``recursive`` (paragraph, line, sentence, word boundaries).
         """
         check_chunk_args(chunk_size, chunk_overlap, splitter)
         texts, single = check_texts(texts)
@@ -194,6 +196,8 @@ class Encoder:
     def _chunk_spans(self, text, tok: TextTokens, n: int, chunk_size, chunk_overlap, splitter) -> np.ndarray:
         if splitter == "tokens":
             return token_windows(n, chunk_size, chunk_overlap)
+        if splitter == "words":
+            return word_windows(word_starts(text, tok.offsets[:n]), n, chunk_size, chunk_overlap)
         # Split only the text that survived truncation: up to the end of the last kept token.
         visible = text[: int(tok.offsets[n - 1, 1])]
         ranges = self._recursive.char_ranges(visible, chunk_size, chunk_overlap)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from runtimes import TruncationWarning
-from runtimes.chunking import char_spans, spans_from_char_ranges, token_windows
+from runtimes.chunking import char_spans, spans_from_char_ranges, token_windows, word_starts, word_windows
 
 UNICODE_TEXT = "Grüße 🙂 日本語. " * 30 + "Ünïcödé ends here 🙂."
 
@@ -109,7 +109,7 @@ def test_single_chunk_vector_is_mean_mode_vector(encoder, prompt):
     np.testing.assert_allclose(doc.vectors[0], encoder.encode(text, mode="mean", prompt=prompt), atol=1e-5)
 
 
-@pytest.mark.parametrize("splitter", ["tokens", "recursive"])
+@pytest.mark.parametrize("splitter", ["tokens", "words", "recursive"])
 def test_chunk_vectors_match_backend_on_hand_built_row(encoder, splitter):
     """Each chunk vector is the normalised backend span mean of its tokens in [CLS] prompt text [SEP],
     so spans are shifted past [CLS] and the prompt."""
@@ -123,6 +123,54 @@ def test_chunk_vectors_match_backend_on_hand_built_row(encoder, splitter):
     _, spans = encoder.backend.forward(row[None], np.ones((1, len(row)), np.int64), bounds)
     expected = spans[0] / np.linalg.norm(spans[0], axis=1, keepdims=True)
     np.testing.assert_allclose(doc.vectors, expected, atol=1e-5)
+
+
+# -- the words splitter ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size, chunk_overlap", [(64, 16), (32, 0), (16, 8), (200, 100)])
+def test_words_spans_end_at_word_boundaries_and_cover(encoder, doc_text, doc_tokens, chunk_size, chunk_overlap):
+    """words splitter: spans of at most chunk_size tokens that start and end at word starts (whitespace
+    before the token), in order, overlapping by at most chunk_overlap, covering every token."""
+    ids, offsets = doc_tokens
+    n = len(ids)
+    doc = encoder.encode_chunks(doc_text, chunk_size=chunk_size, chunk_overlap=chunk_overlap, splitter="words")
+    check_spans_map_back(encoder, doc_text, doc)
+    starts = set(word_starts(doc_text, offsets).tolist()) | {n}
+    spans = np.asarray(doc.token_spans)
+    assert spans[0, 0] == 0 and spans[-1, 1] == n
+    assert ((spans[:, 1] - spans[:, 0]) <= chunk_size).all()
+    # Ends fall on word starts, except where one word (a long run without spaces) is cut at chunk_size;
+    # a window then starts where the cut one ended.
+    for i, (a, b) in enumerate(spans):
+        assert b in starts or b - a == chunk_size, (a, b)
+        assert a in starts or a == spans[i - 1][1], (a, b)
+    assert sum(b in starts for _, b in spans) >= 0.8 * len(spans)
+    assert (np.diff(spans[:, 0]) > 0).all()
+    assert (spans[1:, 0] <= spans[:-1, 1]).all(), "a gap between chunks would drop tokens"
+    assert ((spans[:-1, 1] - spans[1:, 0]) <= chunk_overlap).all()
+    if chunk_overlap:
+        assert ((spans[:-1, 1] - spans[1:, 0]) > 0).any()
+
+
+@pytest.mark.parametrize("starts, n, size, overlap, expected", [
+    ([0, 3, 5, 9], 12, 6, 0, [(0, 5), (5, 9), (9, 12)]),
+    ([0, 3, 5, 9], 12, 6, 4, [(0, 5), (3, 9), (9, 12)]),  # (5, 9) would sit inside (3, 9)
+    ([0, 2, 4, 6, 8], 10, 4, 2, [(0, 4), (2, 6), (4, 8), (6, 10)]),
+    ([0, 10], 12, 4, 0, [(0, 4), (4, 8), (8, 12)]),  # a word longer than the size is cut
+    ([0, 10], 14, 4, 0, [(0, 4), (4, 8), (8, 10), (10, 14)]),
+    ([0], 3, 8, 2, [(0, 3)]),
+    ([], 0, 8, 2, []),
+])
+def test_word_windows_unit(starts, n, size, overlap, expected):
+    got = word_windows(np.asarray(starts, dtype=np.int64), n, size, overlap)
+    assert [tuple(map(int, s)) for s in got] == expected
+
+
+def test_word_starts_unit():
+    text = "one two,three  four"
+    offsets = np.array([[0, 3], [4, 7], [7, 8], [8, 13], [15, 19]])
+    assert word_starts(text, offsets).tolist() == [0, 1, 4]
 
 
 # -- the recursive splitter ------------------------------------------------------------------------
@@ -181,7 +229,7 @@ def test_recursive_overlong_chunk_loses_no_text(encoder):
 # -- both splitters --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("splitter", ["tokens", "recursive"])
+@pytest.mark.parametrize("splitter", ["tokens", "words", "recursive"])
 def test_unicode_text_maps_back(encoder, splitter):
     """Multi-byte characters (umlauts, emoji, CJK) split across byte-level tokens still map back."""
     doc = encoder.encode_chunks(UNICODE_TEXT, chunk_size=16, chunk_overlap=4, splitter=splitter)
@@ -191,7 +239,7 @@ def test_unicode_text_maps_back(encoder, splitter):
     assert "🙂" in doc.texts[0] and "🙂" in doc.texts[-1]
 
 
-@pytest.mark.parametrize("splitter", ["tokens", "recursive"])
+@pytest.mark.parametrize("splitter", ["tokens", "words", "recursive"])
 def test_prompt_keeps_spans_changes_vectors(encoder, doc_text, splitter):
     """A prompt shifts the text in the row but not the spans (they index the text's own tokens);
     it does change the vectors (the tokens attend to it)."""
@@ -205,7 +253,7 @@ def test_prompt_keeps_spans_changes_vectors(encoder, doc_text, splitter):
     assert not np.allclose(with_prompt.vectors, plain.vectors, atol=1e-4)
 
 
-@pytest.mark.parametrize("splitter", ["tokens", "recursive"])
+@pytest.mark.parametrize("splitter", ["tokens", "words", "recursive"])
 def test_normalize_false_gives_raw_vectors(encoder, doc_text, splitter):
     """normalize=False returns the same directions, not unit length."""
     kwargs = dict(chunk_size=48, chunk_overlap=8, splitter=splitter)
@@ -264,7 +312,7 @@ def test_numpy_integer_chunk_size_is_accepted(encoder):
 # -- truncation in chunk mode ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("splitter", ["tokens", "recursive"])
+@pytest.mark.parametrize("splitter", ["tokens", "words", "recursive"])
 def test_chunks_cover_only_kept_tokens_when_truncated(encoder, doc_text, doc_tokens, splitter):
     """With a small max_length, chunks lie within the kept tokens and truncated_tokens counts the rest."""
     n = len(doc_tokens[0])
@@ -294,7 +342,7 @@ def test_truncation_budget_accounts_for_prompt(encoder, doc_text, doc_tokens):
     assert doc.token_spans[-1][1] == kept
 
 
-@pytest.mark.parametrize("splitter", ["tokens", "recursive"])
+@pytest.mark.parametrize("splitter", ["tokens", "words", "recursive"])
 def test_truncated_chunks_equal_chunks_of_the_cut_text(encoder, doc_text, doc_tokens, splitter):
     """Truncated chunking gives the same chunks and vectors as chunking the text cut to the kept tokens."""
     ids, offsets = doc_tokens
