@@ -28,7 +28,8 @@ def _log(message: str) -> None:
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model", type=click.Path(path_type=Path),
-              help="Checkpoint folder to export (config.json, model.safetensors, tokenizer.json).")
+              help="Checkpoint folder to export (config.json, model.safetensors, tokenizer.json); "
+                   "default: the packaged dewey-mini.")
 @click.option("--to", "target", type=click.Choice(["onnx", "trt"]),
               help="What to build: an ONNX export folder, or a TensorRT engine.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder; written atomically.")
@@ -70,9 +71,17 @@ def main(ctx, model, target, out, device_target, opset, attention, precision, bu
         if model or target or out:
             raise click.UsageError("--model/--to/--out belong to an export, not to a subcommand")
         return
-    missing = [flag for flag, value in (("--model", model), ("--to", target), ("--out", out)) if value is None]
+    missing = [flag for flag, value in (("--to", target), ("--out", out)) if value is None]
     if missing:
         raise click.UsageError(f"missing {', '.join(missing)} (see dewey-export --help)")
+    if model is None:
+        from runtimes import ModelFileError, default_model_path
+
+        try:
+            model = default_model_path()
+        except ModelFileError as exc:
+            raise click.UsageError(f"no --model given and {exc}") from exc
+        _log(f"No --model given: exporting the packaged default model {model}")
     if target == "trt":
         return _export_trt(model, out, precision, buckets, workspace_gib, timing_cache, version_compatible,
                            verify, overwrite)

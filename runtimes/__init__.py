@@ -20,19 +20,37 @@ from .config import DeweyConfig, ModelFileError, load_config
 from .encoder import ChunkedDocument, Encoder, TruncationWarning
 from .tokenization import DeweyTokenizer
 
+# The packaged default model, dewey-mini (recipes/dewey-mini.toml): used when no model is given.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "dewey-mini"
+
 __all__ = [
     "ChunkedDocument",
+    "DEFAULT_MODEL_DIR",
     "DeweyConfig",
     "Encoder",
     "ModelFileError",
     "TruncationWarning",
     "available_backends",
+    "default_model_path",
     "load",
 ]
 
 
-def load(path: str | Path, backend: str = "torch", device=None, dtype=None, **backend_options) -> Encoder:
+def default_model_path() -> Path:
+    """The folder of the packaged default model, dewey-mini."""
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise ModelFileError(
+            f"the packaged default model is missing from {DEFAULT_MODEL_DIR}; reinstall the package or pass a model folder"
+        )
+    return DEFAULT_MODEL_DIR
+
+
+def load(path: str | Path | None = None, backend: str = "torch", device=None, dtype=None,
+         **backend_options) -> Encoder:
     """Load a Dewey model folder into an Encoder running on ``backend``.
+
+    ``path`` None: the packaged default model, dewey-mini (a checkpoint folder: torch backend; export it
+    with ``dewey-export`` for the others).
 
     backend ``torch``: a checkpoint folder; device ``cpu`` (default) or ``cuda[:N]``; dtype ``float32``
     (default) or ``bfloat16``.
@@ -41,7 +59,7 @@ def load(path: str | Path, backend: str = "torch", device=None, dtype=None, **ba
     ``intra_op_num_threads``, ``session_options``, ``tensorrt_options``.
     backend ``trt``: a ``dewey-export --to trt`` folder; device ``cuda[:N]``.
     """
-    path = Path(path)
+    path = default_model_path() if path is None else Path(path)
     if not path.is_dir():
         raise ModelFileError(f"{path} is not a folder (expected a Dewey checkpoint or export folder)")
     backend_class = get_backend_class(backend)

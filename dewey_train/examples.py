@@ -1,0 +1,142 @@
+"""Training examples: documents cut to the row length, chunked as in the paper, with teacher targets.
+
+1. **Pieces.** A document longer than a training row (``max_length`` tokens with [CLS], [SEP] and the
+   longest prompt) is cut into consecutive pieces at word boundaries, so no text is thrown away.
+2. **Chunks** (DEWEY.md): per piece, with probability ``recursive_fraction`` (0.7) the recursive
+   splitter (paragraphs, lines, sentences, words), otherwise split by words; ``chunk_size`` uniform in
+   ``chunk_size_min..chunk_size_max`` and the overlap uniform in ``0.3..0.6 x chunk_size``, all counted
+   in *student tokens*: the paper does not say its unit, and tokens are what the student's spans and
+   the teacher's window are measured in. With ``clamp_chunks_to_teacher`` the largest chunk size is cut
+   to the teacher's window (254 tokens for MiniLM), or the teacher would embed only the start of a long
+   chunk while the student's span covers all of it. The spans come from ``runtimes.chunking``, the same
+   code that serves ``encode_chunks``. Each piece's draw is seeded by (seed, text hash, variant), so a
+   run is reproducible and different ``variant`` numbers give different chunkings of the same text.
+3. **Targets.** Each chunk's text embedded alone by the teacher is its span's target. The whole piece
+   is the CLS target: embedded whole when it fits the teacher's window (``whole_text_target="auto"``),
+   otherwise (and always with ``"chunk_mean"``) the normalised mean of its chunks' teacher vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtimes.chunking import (
+    RecursiveSplitter, char_spans, spans_from_char_ranges, token_windows, word_starts, word_windows,
+)
+from runtimes.tokenization import SPECIAL_TOKENS_PER_ROW, DeweyTokenizer
+
+from .config import TrainConfig
+from .data import text_hash
+
+
+@dataclass
+class Example:
+    text: str
+    prompt: str | None
+    row: np.ndarray  # int64 [S]: [CLS] prompt text [SEP]
+    spans: np.ndarray  # int64 [C, 2], positions in the row (prompt and [CLS] excluded)
+    chunk_texts: list[str]
+    splitter: str
+    chunk_size: int
+    chunk_overlap: int
+    cls_target: np.ndarray | None = None  # [d_teacher]
+    chunk_targets: np.ndarray | None = None  # [C, d_teacher]
+
+
+def text_budget(tokenizer: DeweyTokenizer, cfg: TrainConfig) -> int:
+    """Text tokens per row: room left by [CLS], [SEP] and the longest configured prompt."""
+    longest = max(len(tokenizer.prompt_ids(p)) for p in cfg.prompts)
+    budget = cfg.max_length - SPECIAL_TOKENS_PER_ROW - longest
+    if budget < cfg.chunk_size_min:
+        raise ValueError(f"max_length={cfg.max_length} leaves {budget} text tokens, fewer than chunk_size_min")
+    return budget
+
+
+def split_into_pieces(texts: list[str], tokenizer: DeweyTokenizer, budget: int, min_tokens: int = 1) -> list[str]:
+    """Each text, or its consecutive word-aligned pieces of at most ``budget`` tokens; texts with fewer
+    than ``min_tokens`` tokens are dropped."""
+    pieces = []
+    for text, tok in zip(texts, tokenizer.encode_texts(texts)):
+        n = len(tok.ids)
+        if n < min_tokens:
+            continue
+        if n <= budget:
+            pieces.append(text)
+            continue
+        for start, end in word_windows(word_starts(text, tok.offsets), n, budget, 0):
+            piece = text[int(tok.offsets[start, 0]): int(tok.offsets[end - 1, 1])]
+            if end - start >= min_tokens and piece.strip():
+                pieces.append(piece)
+    return pieces
+
+
+def chunk_draw(text: str, cfg: TrainConfig, max_chunk: int, seed: int, variant: int):
+    """The seeded choice of splitter, chunk size, overlap and prompt for one piece."""
+    rng = np.random.default_rng([seed, int(text_hash(text)[:12], 16), variant])
+    splitter = "recursive" if rng.random() < cfg.recursive_fraction else "words"
+    size = int(rng.integers(cfg.chunk_size_min, max(cfg.chunk_size_min, max_chunk) + 1))
+    overlap = min(int(round(rng.uniform(cfg.chunk_overlap_min, cfg.chunk_overlap_max) * size)), size - 1)
+    prompt = cfg.prompts[int(rng.integers(len(cfg.prompts)))]
+    return splitter, size, overlap, prompt
+
+
+class ExampleBuilder:
+    def __init__(self, tokenizer: DeweyTokenizer, cfg: TrainConfig, teacher_window: int | None = None):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.budget = text_budget(tokenizer, cfg)
+        self.max_chunk = cfg.chunk_size_max
+        if cfg.clamp_chunks_to_teacher and teacher_window is not None:
+            self.max_chunk = min(self.max_chunk, teacher_window - 2)
+        self.recursive = RecursiveSplitter(tokenizer.tokenizer)
+
+    def build(self, texts: list[str], variant: int = 0, seed: int | None = None) -> list[Example]:
+        """Examples (no targets yet) for pieces that each fit one row."""
+        seed = self.cfg.seed if seed is None else seed
+        examples = []
+        for text, tok in zip(texts, self.tokenizer.encode_texts(texts)):
+            n = min(len(tok.ids), self.budget)
+            splitter, size, overlap, prompt = chunk_draw(text, self.cfg, self.max_chunk, seed, variant)
+            if splitter == "words":
+                spans = word_windows(word_starts(text, tok.offsets[:n]), n, size, overlap)
+            else:
+                visible = text[: int(tok.offsets[n - 1, 1])]
+                ranges = self.recursive.char_ranges(visible, size, overlap)
+                spans = spans_from_char_ranges(tok.offsets[:n], ranges, size, overlap)
+                if not len(spans):
+                    spans = token_windows(n, size, overlap)
+            chars = char_spans(tok.offsets, spans)
+            prompt_ids = self.tokenizer.prompt_ids(prompt)
+            examples.append(Example(
+                text=text[: int(tok.offsets[n - 1, 1])],
+                prompt=prompt,
+                row=self.tokenizer.row(prompt_ids, tok.ids[:n]),
+                spans=spans + 1 + len(prompt_ids),
+                chunk_texts=[text[a:b] for a, b in chars],
+                splitter=splitter,
+                chunk_size=size,
+                chunk_overlap=overlap,
+            ))
+        return examples
+
+
+def attach_targets(examples: list[Example], teacher, whole_text_target: str = "auto", show_progress: bool = False) -> None:
+    """Fill ``cls_target`` and ``chunk_targets`` from the teacher (through its cache)."""
+    chunk_texts = [t for ex in examples for t in ex.chunk_texts]
+    chunk_vectors = teacher.embed(chunk_texts, show_progress=show_progress)
+    whole = []
+    if whole_text_target == "auto":
+        fits = teacher.fits([ex.text for ex in examples])
+        whole = [ex.text for ex, ok in zip(examples, fits) if ok]
+    whole_vectors = dict(zip(whole, teacher.embed(whole))) if whole else {}
+    at = 0
+    for ex in examples:
+        ex.chunk_targets = chunk_vectors[at: at + len(ex.chunk_texts)]
+        at += len(ex.chunk_texts)
+        if ex.text in whole_vectors:
+            ex.cls_target = whole_vectors[ex.text]
+        else:
+            mean = ex.chunk_targets.mean(axis=0)
+            ex.cls_target = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)

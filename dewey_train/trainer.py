@@ -1,0 +1,411 @@
+"""The training loop: chunk-alignment distillation of a Dewey student, in one readable function.
+
+Run it in one process, or in several with ``torchrun`` (DistributedDataParallel: gloo on CPU, NCCL on
+GPU; each rank trains on its own shard of every epoch). Everything that makes a run is saved in its
+checkpoints: the model folder (loadable by ``runtimes.load`` and exportable by ``dewey-export``), the
+optimizer, scheduler, step, data position and RNG states, and the resolved config, so a resumed run
+continues exactly where the saved one stopped.
+
+Layout of ``out_dir``::
+
+    init/                   the new student, before training (when not started from a checkpoint)
+    checkpoints/step-0000200/   model files + training_state.pt + train_config.json (the last keep_last)
+    final/                  the trained model folder
+    metrics.jsonl           one line per log interval: loss terms, lr, grad norm, tokens/s
+    teacher_cache.sqlite    teacher vectors (unless teacher_cache says elsewhere)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from runtimes.batching import pad_batch
+from runtimes.config import load_config as load_model_config
+from runtimes.files import staged_folder
+from runtimes.modeling import DeweyModel
+from runtimes.tokenization import DeweyTokenizer
+
+from .config import TrainConfig, config_from_dict
+from .data import split_documents
+from .examples import Example, ExampleBuilder, attach_targets, split_into_pieces
+from .losses import distillation_loss
+from .student import build_student
+from .teacher import Teacher
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "training_state.pt"
+CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.jsonl"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Micro-batches are drawn from pools this many batches wide, sorted by length inside the pool, so rows
+# of similar length share a batch (less padding) while the order stays random across pools.
+SORT_POOL_BATCHES = 16
+
+
+class Student(nn.Module):
+    """The Dewey model plus, when the teacher's width differs, a projection into the teacher's space
+    (used in training only, unless ``export_projection``)."""
+
+    def __init__(self, model: DeweyModel, teacher_dim: int):
+        super().__init__()
+        self.model = model
+        self.projection = None
+        if model.vector_size != teacher_dim:
+            self.projection = nn.Linear(model.vector_size, teacher_dim, bias=False)
+
+    def forward(self, input_ids, attention_mask, span_bounds):
+        cls, spans = self.model(input_ids, attention_mask, span_bounds)
+        if self.projection is not None:
+            cls, spans = self.projection(cls), self.projection(spans)
+        return cls, spans
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch: int = 0  # next micro-batch of this epoch, on every rank
+    tokens: int = 0  # non-padding tokens seen, all ranks
+    seconds: float = 0.0  # training time so far, all sessions
+
+
+# -- distributed ----------------------------------------------------------------------------------
+
+
+def setup_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) the process group is started here."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_sum(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+# -- data order -----------------------------------------------------------------------------------
+
+
+def epoch_batches(lengths: list[int], cfg: TrainConfig, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's micro-batches (indices into the epoch's examples): a seeded permutation, an equal
+    shard per rank, length-sorted inside pools; every rank gets the same number of batches."""
+    rng = np.random.default_rng([cfg.seed, epoch])
+    order = rng.permutation(len(lengths))
+    per_rank = len(order) // world
+    shard = order[rank * per_rank:(rank + 1) * per_rank]
+    n_batches = len(shard) // cfg.batch_size
+    pool = cfg.batch_size * SORT_POOL_BATCHES
+    batches = []
+    for start in range(0, n_batches * cfg.batch_size, pool):
+        part = shard[start:min(start + pool, n_batches * cfg.batch_size)]
+        part = sorted(part.tolist(), key=lambda i: -lengths[i])
+        batches.extend(part[i:i + cfg.batch_size] for i in range(0, len(part), cfg.batch_size))
+    order = rng.permutation(len(batches))  # pools sorted long-to-short; mix the batches again
+    return [batches[i] for i in order]
+
+
+def lr_multiplier(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    root = out_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    found = checkpoint_dirs(Path(out_dir))
+    return found[-1] if found else None
+
+
+def save_model_folder(student: Student, source: Path, folder: Path, export_projection: bool = False) -> None:
+    """The model folder: config.json + model.safetensors (+ projection folded in) + tokenizer files."""
+    model = student.model
+    if export_projection and student.projection is not None:
+        model = fold_projection(student)
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+
+
+def fold_projection(student: Student) -> DeweyModel:
+    """A copy of the model whose head is ``projection @ head``: the teacher-space vectors, exported."""
+    import copy
+
+    model = copy.deepcopy(student.model)
+    weight = student.projection.weight.detach()
+    if model.head is not None:
+        weight = weight @ model.head.weight.detach()
+    model.head = nn.Linear(model.config.hidden_size, weight.shape[0], bias=False)
+    model.head.weight.data.copy_(weight)
+    model.config.vector_size = weight.shape[0]
+    return model
+
+
+def save_checkpoint(out_dir: Path, student: Student, source: Path, optimizer, scheduler, progress: Progress,
+                    cfg: TrainConfig) -> Path:
+    """Write ``checkpoints/step-N`` in a temporary folder, then rename it into place; prune old ones."""
+    root = out_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{progress.step:07d}"
+    with staged_folder(final) as tmp:
+        save_model_folder(student, source, tmp)
+        state = {
+            "progress": progress.__dict__.copy(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "projection": None if student.projection is None else student.projection.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+    for old in checkpoint_dirs(out_dir)[:-cfg.keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def read_checkpoint_config(checkpoint: Path, overrides: dict | None = None) -> TrainConfig:
+    raw = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return config_from_dict(raw)
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+
+def prepare_examples(cfg: TrainConfig, tokenizer: DeweyTokenizer, teacher: Teacher, variants: int, rank: int,
+                     world: int, log) -> list[list[Example]]:
+    """Examples of every chunking variant with teacher targets. Ranks split the teacher's work (each
+    embeds its share into the shared cache), then every rank reads all targets from the cache."""
+    train_docs, heldout = split_documents(cfg.data, cfg.heldout_fraction)
+    builder = ExampleBuilder(tokenizer, cfg, teacher.max_tokens)
+    pieces = split_into_pieces(train_docs, tokenizer, builder.budget, cfg.min_text_tokens)
+    if not pieces:
+        raise ValueError(f"no training text: {len(train_docs)} documents, none with {cfg.min_text_tokens}+ tokens")
+    log(f"data: {len(train_docs)} training documents -> {len(pieces)} pieces of <= {builder.budget} tokens, "
+        f"{len(heldout)} held out; chunk sizes {cfg.chunk_size_min}..{builder.max_chunk} tokens")
+    per_variant = [builder.build(pieces, variant=v) for v in range(variants)]
+    mine = [ex for v in per_variant for ex in v][rank::world]
+    started = time.time()
+    attach_targets(mine, teacher, cfg.whole_text_target, show_progress=(rank == 0))
+    barrier()
+    log(f"teacher targets: {sum(len(ex.chunk_texts) for v in per_variant for ex in v)} chunks, "
+        f"{teacher.forward_texts} texts embedded by this rank, {time.time() - started:.0f} s")
+    if world > 1:  # the other ranks' shares, from the cache
+        for examples in per_variant:
+            attach_targets(examples, teacher, cfg.whole_text_target)
+    return per_variant
+
+
+def make_batch(examples: list[Example], pad_token_id: int, device):
+    ids, mask, bounds = pad_batch([e.row for e in examples], [e.spans for e in examples], pad_token_id)
+    counts = torch.tensor([len(e.spans) for e in examples])
+    valid = torch.arange(bounds.shape[1]).unsqueeze(0) < counts.unsqueeze(1)
+    cls_target = torch.from_numpy(np.stack([e.cls_target for e in examples]))
+    chunk_target = torch.from_numpy(np.concatenate([e.chunk_targets for e in examples]))
+    to = dict(device=device)
+    return (torch.from_numpy(ids).to(**to), torch.from_numpy(mask).to(**to), torch.from_numpy(bounds).to(**to),
+            valid.to(**to), cls_target.to(**to), chunk_target.to(**to), int(mask.sum()))
+
+
+def train(cfg: TrainConfig, resume_from: Path | None = None, device: str = "cpu", log=None,
+          show_progress: bool = True, state_out: dict | None = None) -> Path:
+    """Train (or resume from the checkpoint ``resume_from``); returns the final model folder.
+
+    ``state_out``, if given, receives the trained ``student`` and ``progress`` (tests, notebooks).
+    """
+    rank, world = setup_distributed(device)
+    log = log or (lambda message: print(message, flush=True))
+    say = log if rank == 0 else (lambda message: None)
+    if device == "cpu":
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    teacher = Teacher(cfg.teacher, cfg.resolved_teacher_cache(), device=device, batch_size=cfg.teacher_batch_size)
+    if resume_from is not None:
+        source = Path(resume_from)
+    elif cfg.init_from:
+        source = Path(cfg.init_from)
+    else:
+        source = out_dir / "init"
+        if rank == 0:
+            build_student(cfg.student, teacher.path, source, seed=cfg.seed)
+            say(f"new student written to {source}")
+        barrier()
+    torch.manual_seed(cfg.seed)
+    model = DeweyModel.from_pretrained(source, attention=cfg.attention, device=device).train()
+    if cfg.gradient_checkpointing:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student = Student(model, teacher.dim).to(device)
+    tokenizer = DeweyTokenizer.from_folder(source, load_model_config(source))
+    per_variant = prepare_examples(cfg, tokenizer, teacher, cfg.chunk_variants, rank, world, say)
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    if cfg.optimizer == "stable_adamw":
+        from optimi import StableAdamW
+
+        optimizer = StableAdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    lengths = [[len(e.row) for e in examples] for examples in per_variant]
+    steps_per_epoch = len(epoch_batches(lengths[0], cfg, 0, rank, world)) // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"too little data for one optimizer step: {len(lengths[0])} examples, {world} rank(s), "
+                         f"batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum}")
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, total_steps))
+
+    progress = Progress()
+    if resume_from is not None:
+        state = torch.load(Path(resume_from) / STATE_FILE, map_location=device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if student.projection is not None:
+            student.projection.load_state_dict(state["projection"])
+        progress = Progress(**state["progress"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        say(f"resumed from {resume_from}: step {progress.step}, epoch {progress.epoch}, batch {progress.batch}")
+
+    trained = student
+    if world > 1:
+        trained = nn.parallel.DistributedDataParallel(student)
+    autocast = (torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if cfg.bf16 else nullcontext())
+    metrics_path = out_dir / METRICS_FILE
+    say(f"training: {total_steps} steps ({steps_per_epoch} per epoch), {world} rank(s), "
+        f"batch {cfg.batch_size} x accum {cfg.grad_accum} x ranks {world}")
+
+    bar = None
+    if rank == 0 and show_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=progress.step, unit="step", desc="train")
+    window = {"loss": 0.0, "cos_cls": 0.0, "sim_cls": 0.0, "cos_chunks": 0.0, "sim_chunks": 0.0, "n": 0}
+    window_tokens, window_start = 0, time.time()
+    session_start = time.time() - progress.seconds
+    last_saved = progress.step if resume_from is not None else -1
+    # With max_steps the epochs go on (cycling the data) until that step; otherwise `epochs` ends it.
+    while progress.step < total_steps and (cfg.max_steps or progress.epoch < cfg.epochs):
+        variant = progress.epoch % len(per_variant)
+        examples = per_variant[variant]
+        batches = epoch_batches(lengths[variant], cfg, progress.epoch, rank, world)
+        usable = len(batches) // cfg.grad_accum * cfg.grad_accum
+        while progress.batch < usable and progress.step < total_steps:
+            batch = [examples[i] for i in batches[progress.batch]]
+            ids, mask, bounds, valid, cls_t, chunk_t, n_tokens = make_batch(batch, tokenizer.config.pad_token_id, device)
+            last_micro = (progress.batch + 1) % cfg.grad_accum == 0
+            sync = trained.no_sync() if (world > 1 and not last_micro) else nullcontext()
+            with sync:
+                with autocast:
+                    cls, spans = trained(ids, mask, bounds)
+                loss, terms = distillation_loss(cls.float(), cls_t, spans.float()[valid], chunk_t,
+                                                cfg.cosine_weight, cfg.similarity_weight)
+                (loss / cfg.grad_accum).backward()
+            progress.batch += 1
+            window_tokens += n_tokens
+            window["loss"] += float(loss.detach())
+            for key, value in terms.items():
+                window[key] += value
+            window["n"] += 1
+            if not last_micro:
+                continue
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            progress.step += 1
+            if bar is not None:
+                bar.update(1)
+            if progress.step % cfg.log_every == 0 or progress.step == total_steps:
+                tokens = all_sum(window_tokens)
+                elapsed = time.time() - window_start
+                progress.tokens += int(tokens)
+                record = {"step": progress.step, "epoch": progress.epoch, "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_s": tokens / max(elapsed, 1e-9), "tokens": progress.tokens,
+                          "elapsed_s": round(time.time() - session_start, 1)}
+                record.update({k: v / window["n"] for k, v in window.items() if k != "n"})
+                if rank == 0:
+                    with metrics_path.open("a", encoding="utf-8") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                window = dict.fromkeys(window, 0.0)
+                window["n"] = 0
+                window_tokens, window_start = 0, time.time()
+            if progress.step % cfg.save_every == 0:
+                progress.seconds = time.time() - session_start
+                if rank == 0:
+                    save_checkpoint(out_dir, student, source, optimizer, scheduler, progress, cfg)
+                barrier()
+                last_saved = progress.step
+        if progress.batch >= usable:
+            progress.epoch += 1
+            progress.batch = 0
+    if bar is not None:
+        bar.close()
+
+    progress.seconds = time.time() - session_start
+    final = out_dir / "final"
+    if rank == 0:
+        if last_saved != progress.step:
+            save_checkpoint(out_dir, student, source, optimizer, scheduler, progress, cfg)
+        with staged_folder(final) as tmp:
+            save_model_folder(student, source, tmp, cfg.export_projection)
+            (tmp / "training_summary.json").write_text(json.dumps({
+                "steps": progress.step, "epochs_started": progress.epoch, "tokens": progress.tokens,
+                "train_seconds": round(progress.seconds, 1),
+                "tokens_per_s": round(progress.tokens / max(progress.seconds, 1e-9), 1),
+                "teacher": teacher.name, "teacher_id": teacher.id,
+            }, indent=2) + "\n", encoding="utf-8")
+        say(f"done: {progress.step} steps, {progress.tokens} tokens in {progress.seconds:.0f} s -> {final}")
+    barrier()
+    if state_out is not None:
+        state_out.update(student=student, progress=progress)
+    return final
+
+
+def batch_loss(student: Student, examples: list[Example], cfg: TrainConfig, pad_token_id: int) -> float:
+    """The loss of a fixed batch, without gradients (tests and diagnostics)."""
+    ids, mask, bounds, valid, cls_t, chunk_t, _ = make_batch(examples, pad_token_id, "cpu")
+    with torch.no_grad():
+        cls, spans = student(ids, mask, bounds)
+        loss, _ = distillation_loss(cls, cls_t, spans[valid], chunk_t, cfg.cosine_weight, cfg.similarity_weight)
+    return float(loss)
