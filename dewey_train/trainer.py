@@ -270,7 +270,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, device: str = "cpu"
     torch.manual_seed(cfg.seed)
     model = DeweyModel.from_pretrained(source, attention=cfg.attention, device=device).train()
     if cfg.gradient_checkpointing:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.backbone.activation_checkpointing_enable({"use_reentrant": False})
     student = Student(model, teacher.dim).to(device)
     tokenizer = DeweyTokenizer.from_folder(source, load_model_config(source))
     per_variant = prepare_examples(cfg, tokenizer, teacher, cfg.chunk_variants, rank, world, say)

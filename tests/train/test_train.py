@@ -358,3 +358,39 @@ def test_eval_command_reports_every_section(tmp_path, checkpoint):
     assert retrieval["methods"]["teacher_chunks"]["recall@1"] >= 0.5  # chance: 1 in 11
     assert "passkey" in json.dumps(report["synthetic"]) and "needle" in json.dumps(report["synthetic"])
     assert "student_multi" in result.output and "Teacher agreement" in result.output
+
+
+def _grads(student, examples, pad, autocast=None):
+    from dewey_train.trainer import make_batch
+
+    ids, mask, bounds, valid, cls_t, chunk_t, _ = make_batch(examples, pad, "cpu")
+    student.zero_grad()
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.enable_grad()
+    with context:
+        cls, spans = student(ids, mask, bounds)
+    loss, _ = distillation_loss(cls.float(), cls_t, spans.float()[valid], chunk_t)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_bf16_a_close_loss(checkpoint, tokenizer, documents):
+    from runtimes.modeling import DeweyModel
+
+    from dewey_train.trainer import Student
+
+    cfg = config_from_dict({"max_length": 256, "chunk_size_min": 16, "chunk_size_max": 48})
+    examples = ExampleBuilder(tokenizer, cfg, 64).build(documents[:3])
+    attach_targets(examples, FakeTeacher())
+    pad = tokenizer.config.pad_token_id
+    torch.manual_seed(0)
+    student = Student(DeweyModel.from_pretrained(checkpoint).train(), FakeTeacher.dim)
+    loss, grads = _grads(student, examples, pad)
+    student.model.backbone.activation_checkpointing_enable({"use_reentrant": False})
+    assert student.model.backbone.is_activation_checkpointing
+    loss_ckpt, grads_ckpt = _grads(student, examples, pad)
+    assert loss_ckpt == pytest.approx(loss, rel=1e-6)
+    assert grads.keys() == grads_ckpt.keys() and len(grads) > 10
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], atol=1e-5, rtol=1e-4)
+    loss_bf16, _ = _grads(student, examples, pad, autocast=True)
+    assert loss_bf16 == pytest.approx(loss, rel=0.05) and loss_bf16 != loss
