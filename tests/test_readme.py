@@ -24,8 +24,8 @@ def test_ci_runs_the_readme_setup_and_test_commands():
 
 
 def test_examples_run_as_written(tmp_path):
-    """The encode example, then the CLI lines of the export section, then the ONNX Runtime example, in
-    one folder, exactly as a user would paste them."""
+    """The encode example (on the packaged dewey-mini), then the CLI lines of the export section, then the
+    ONNX Runtime example, in one folder, exactly as a user would paste them."""
     python = blocks("python")
     cli = [line for line in blocks("bash")[1].splitlines() if line.startswith("dewey-export")]
     assert len(python) >= 2 and cli, "README lost its examples"
@@ -39,4 +39,4 @@ def test_examples_run_as_written(tmp_path):
     assert "(1, 2) float32" in first and "refused:" in first
     for line in cli:
         run([str(Path(sys.executable).parent / "dewey-export"), *line.split()[1:]])
-    assert "(1, 48)" in run([sys.executable, "-c", python[1]])
+    assert "(1, 384)" in run([sys.executable, "-c", python[1]])
