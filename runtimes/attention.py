@@ -37,6 +37,17 @@ MASKED_KEY = -1e9
 # finite, so an all-masked row softmaxes to uniform weights instead of NaN.
 _MASKED_SCORE = -1e30
 
+# The length policy (one place, ``masked_attention_for``): in the PyTorch backend, rows of at most
+# SHORT_MASKED_MAX tokens run both layer kinds as one masked SDPA call (a [B, 1, S, S] boolean mask is
+# small there), where the block-local form wastes work on neighbourhoods as wide as the row. Measured
+# with bench/length_policy.py (ModernBERT-base shape, 4096 tokens per batch, 2 threads, 2026-11-28),
+# linear vs masked seconds: 128 tokens 6.69 vs 5.21, 256: 5.53 vs 5.14, 512: 5.76 vs 5.46,
+# 1024: 5.92 vs 6.28, 2048: 6.56 vs 8.13. ONNX Runtime runs the linear graph as fast or faster than the
+# plain masked export even at short lengths (bench/throughput.py: 32 x 128 tokens 3.14 vs 3.57 s;
+# 8 x 512, 3.11 vs 5.28 s), so exported graphs never contain the masked form: the policy is off unless
+# ``set_length_policy`` switches it on (the PyTorch backend does).
+SHORT_MASKED_MAX = 512
+
 # Global-attention kernels: "sdpa" (PyTorch; exports to MatMul/Softmax at opset 18 and to the fused
 # Attention op at opset 23) or "ort_contrib" (com.microsoft.MultiHeadAttention, for ONNX Runtime CPU).
 GLOBAL_KERNELS = ("sdpa", "ort_contrib")
@@ -126,6 +137,27 @@ def global_attention(query, key, value, key_valid, scaling: float, kernel: str =
     return out.transpose(1, 2)[..., :dim]
 
 
+def masked_attention_for(seq_len: int, short_masked_max: int) -> bool:
+    """The length policy: whether a batch of ``seq_len``-token rows takes the masked SDPA form."""
+    return 0 < seq_len <= short_masked_max
+
+
+def masked_attention(query, key, value, key_valid, window, scaling: float):
+    """Reference-style attention with a boolean mask: key padding, plus the band |i - j| <= window for
+    sliding layers (window None: global). Each query may always see itself, so a padding row far from
+    any real token stays finite (real rows are unchanged: a real token is a valid key in its own band).
+    [B, H, S, D] in, [B, S, H, D] out."""
+    seq = query.shape[2]
+    allowed = key_valid[:, None, None, :]
+    if window is not None:
+        positions = torch.arange(seq, device=query.device)
+        band = (positions[None, :] - positions[:, None]).abs() <= window
+        allowed = allowed & band
+    allowed = allowed | torch.eye(seq, dtype=torch.bool, device=query.device)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+    return out.transpose(1, 2)
+
+
 def dewey_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                     **kwargs):
     """A transformers attention function (registered as ``ATTENTION_NAME``).
@@ -145,6 +177,9 @@ def dewey_attention(module, query, key, value, attention_mask, scaling=None, dro
             f"dewey attention takes the [batch, sequence] key mask, got shape {tuple(attention_mask.shape)}: "
             "call the backbone with attention_mask={'full_attention': mask, 'sliding_attention': mask}"
         )
+    if masked_attention_for(query.shape[2], getattr(module, "dewey_short_masked_max", 0)):
+        window = sliding_window - 1 if sliding_window is not None else None
+        return masked_attention(query, key, value, key_valid, window, scaling), None
     if sliding_window is not None:
         out = sliding_window_attention(query, key, value, key_valid, sliding_window - 1, scaling)
     else:
@@ -163,3 +198,10 @@ def set_global_kernel(backbone, kernel: str) -> None:
         raise ValueError(f"global attention kernel must be one of {GLOBAL_KERNELS}, got {kernel!r}")
     for layer in backbone.layers:
         layer.attn.dewey_global_kernel = kernel
+
+
+def set_length_policy(backbone, short_masked_max: int = SHORT_MASKED_MAX) -> None:
+    """Rows of at most ``short_masked_max`` tokens take the masked form (0: never). For eager PyTorch
+    only; the exporter leaves it off so a traced graph is always the linear one."""
+    for layer in backbone.layers:
+        layer.attn.dewey_short_masked_max = int(short_masked_max)

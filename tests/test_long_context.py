@@ -190,3 +190,29 @@ def test_long_rows_are_never_padded():
             assert len(widths) == 1, batch
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert [0, 1, 5] in batches and [3, 4] in batches
+
+
+def test_length_policy_masked_form_equals_the_linear_form(checkpoint):
+    """Short rows take one masked SDPA call in the PyTorch backend (runtimes.attention's length policy);
+    the result equals the block-local / mask-free form, padding rows far from any token included."""
+    from runtimes.attention import SHORT_MASKED_MAX, masked_attention_for, set_length_policy
+
+    model = DeweyModel.from_pretrained(checkpoint).eval()  # local_attention 16: window 8
+    torch.manual_seed(0)
+    seq = 120
+    ids = torch.randint(5, model.config.vocab_size, (3, seq))
+    mask = torch.ones(3, seq, dtype=torch.long)
+    mask[1, 40:] = 0  # padding reaching far beyond the window
+    mask[2, 7:] = 0
+    spans = torch.tensor([[[1, 119], [10, 60]], [[1, 39], [5, 30]], [[1, 6], [0, 0]]])
+    with torch.inference_mode():
+        set_length_policy(model.backbone, 0)
+        linear = model(ids, mask, spans)
+        set_length_policy(model.backbone, SHORT_MASKED_MAX)
+        masked = model(ids, mask, spans)
+    for a, b in zip(linear, masked):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert masked_attention_for(seq, SHORT_MASKED_MAX) and not masked_attention_for(SHORT_MASKED_MAX + 1, SHORT_MASKED_MAX)
+    assert not masked_attention_for(seq, 0)
+    assert TorchBackend(model).model.backbone.layers[0].attn.dewey_short_masked_max == SHORT_MASKED_MAX

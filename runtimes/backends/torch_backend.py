@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..attention import set_length_policy
 from ..modeling import DeweyModel, reduce_precision
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -42,6 +43,8 @@ class TorchBackend:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.model = reduce_precision(model, self.dtype).to(device=self.device).eval()
+        if model.attention == "linear":
+            set_length_policy(self.model.backbone)  # short rows: one masked SDPA call (runtimes.attention)
         self.vector_size = model.vector_size
 
     @classmethod
