@@ -75,7 +75,7 @@ def main(ctx, model, target, out, device_target, opset, attention, precision, bu
     if missing:
         raise click.UsageError(f"missing {', '.join(missing)} (see dewey-export --help)")
     if model is None:
-        from runtimes import ModelFileError, default_model_path
+        from runtimes import default_model_path
 
         try:
             model = default_model_path()
