@@ -249,6 +249,9 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, device: str = "cpu"
     ``state_out``, if given, receives the trained ``student`` and ``progress`` (tests, notebooks).
     """
     rank, world = setup_distributed(device)
+    if device == "cuda" and world > 1:  # one GPU per rank under torchrun
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.cuda.set_device(device)
     log = log or (lambda message: print(message, flush=True))
     say = log if rank == 0 else (lambda message: None)
     if device == "cpu":
