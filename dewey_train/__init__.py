@@ -1,5 +1,12 @@
-"""dewey_train: chunk-alignment distillation (data, chunkers, teacher, losses, trainer, eval).
+"""dewey_train: chunk-alignment distillation of Dewey students.
 
-Not built yet: it arrives with its issue. It imports ``runtimes`` for the model definition, the
-chunkers and span pooling; ``runtimes`` never imports it.
+- ``data``: text sources, the built-in stdlib corpus, the stable train / held-out split;
+- ``examples``: pieces, seeded training chunks (from ``runtimes.chunking``) and teacher targets;
+- ``teacher``: a sentence-transformers teacher behind an SQLite vector cache;
+- ``losses``: cosine and similarity-matrix losses; ``trainer``: the loop, DDP, checkpoints, resume;
+- ``evaluate`` and ``tasks``: teacher agreement, long-document retrieval, passkey / needle tasks;
+- ``cli``: ``dewey-train``; ``package``: copy a trained model into the package as the default model.
+
+It imports ``runtimes`` for the model definition, the chunkers and span pooling; ``runtimes`` never
+imports it.
 """
