@@ -20,7 +20,7 @@ from pathlib import Path
 
 from runtimes.config import CONFIG_FILE, ModelFileError, load_config
 from runtimes.export_format import INPUTS, MANIFEST_FILE, MANIFEST_FORMAT, ONNX_FILE, OUTPUTS
-from runtimes.files import atomic_path
+from runtimes.files import atomic_path, publish_folder
 from runtimes.tokenization import TOKENIZER_FILE
 
 from .verify import compare_backends, parity_cases, parity_thresholds
@@ -241,14 +241,3 @@ def build_manifest(checkpoint: Path, folder: Path, opset: int, precision: str, t
         "tools": tool_versions(),
         "parity": parity,
     }
-
-
-def publish_folder(staging: Path, out: Path) -> None:
-    """Rename the finished staging folder onto ``out``; an old ``out`` is removed only afterwards."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out)

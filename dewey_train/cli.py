@@ -135,13 +135,11 @@ def evaluate_command(model_path, config_path, data, teacher, out_json, queries, 
 def corpus(data, heldout_fraction):
     """Size of a corpus (documents, characters, teacher-tokenizer tokens) and its train/held-out split."""
     from .data import corpus_stats, split_documents
+    from runtimes.tokenization import read_tokenizer_file
+
     from .teacher import resolve_teacher_path
 
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(resolve_teacher_path("minilm") / "tokenizer.json"))
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
+    tokenizer = read_tokenizer_file(resolve_teacher_path("minilm") / "tokenizer.json")
 
     def count(texts):
         return [len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]

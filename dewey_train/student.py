@@ -14,7 +14,7 @@ from pathlib import Path
 
 from runtimes.config import DEWEY_INSTRUCTION_TOKENS, DEWEY_PROMPTS
 from runtimes.files import atomic_path
-from runtimes.tokenization import TOKENIZER_FILE
+from runtimes.tokenization import TOKENIZER_FILE, read_tokenizer_file
 
 from .config import StudentShape
 
@@ -24,15 +24,8 @@ _TEACHER_EMBEDDING_KEYS = ("embeddings.word_embeddings.weight", "bert.embeddings
 
 
 def student_tokenizer(shape: StudentShape, teacher_path: Path):
-    from tokenizers import Tokenizer
-
     source = teacher_path / TOKENIZER_FILE if shape.tokenizer == "teacher" else Path(shape.tokenizer)
-    if not source.is_file():
-        raise FileNotFoundError(f"student tokenizer {source} does not exist")
-    tokenizer = Tokenizer.from_file(str(source))
-    # A saved truncation or padding setting would silently cut or pad every text (FACTS.md).
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
+    tokenizer = read_tokenizer_file(source)
     tokenizer.add_special_tokens(list(DEWEY_INSTRUCTION_TOKENS))
     return tokenizer
 

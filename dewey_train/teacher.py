@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
+
+from runtimes.tokenization import read_tokenizer_file
 
 from .data import text_hash
 
@@ -59,9 +62,18 @@ class VectorCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(self.path), timeout=300)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS vectors (key TEXT PRIMARY KEY, vector BLOB NOT NULL)")
-        self._db.commit()
+        # Ranks start together and open the same new file: switching it to WAL can answer "database is
+        # locked" at once (SQLite does not always wait in the busy handler there), so retry for a while.
+        for attempt in range(100):
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("CREATE TABLE IF NOT EXISTS vectors (key TEXT PRIMARY KEY, vector BLOB NOT NULL)")
+                self._db.commit()
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 99:
+                    raise
+                time.sleep(0.1)
 
     def get_many(self, keys: list[str]) -> dict[str, np.ndarray]:
         found = {}
@@ -105,13 +117,8 @@ class Teacher:
         self.batch_size = batch_size
         self.cache = VectorCache(cache_path) if cache_path else None
         self.forward_texts = 0
-        from tokenizers import Tokenizer
-
         tokenizer_file = self.path / "tokenizer.json"
-        self._tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.is_file() else None
-        if self._tokenizer is not None:
-            self._tokenizer.no_truncation()
-            self._tokenizer.no_padding()
+        self._tokenizer = read_tokenizer_file(tokenizer_file) if tokenizer_file.is_file() else None
 
     @property
     def tokenizer_file(self) -> Path:
@@ -139,14 +146,14 @@ class Teacher:
         keys = [self._key(t) for t in texts]
         found = self.cache.get_many(list(dict.fromkeys(keys))) if self.cache is not None else {}
         missing = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in found))
+        if missing:
+            import torch
         blocks = [missing[i:i + CACHE_BLOCK] for i in range(0, len(missing), CACHE_BLOCK)]
         if blocks and show_progress:
             from tqdm.auto import tqdm
 
             blocks = tqdm(blocks, desc=f"teacher ({len(missing)} texts)", unit="block")
         for block in blocks:
-            import torch
-
             with torch.inference_mode():
                 vectors = self.model.encode(block, batch_size=self.batch_size, convert_to_numpy=True,
                                             normalize_embeddings=True, show_progress_bar=False)

@@ -1,8 +1,9 @@
-"""Small file helpers shared by every part: atomic writes."""
+"""Small file helpers shared by every part: atomic files and folders."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,21 +31,24 @@ def staged_folder(target: str | Path):
     """Yield a fresh temporary folder beside ``target``; when the block succeeds, it replaces ``target``
     (an old ``target`` is moved aside first and deleted only after the swap). On an error the
     temporary folder is removed and ``target`` is left as it was."""
-    import shutil
-
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
     try:
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        publish_folder(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_folder(staging: Path, out: Path) -> None:
+    """Rename the finished staging folder onto ``out``; an old ``out`` is removed only afterwards."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)

