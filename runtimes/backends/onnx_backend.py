@@ -15,6 +15,7 @@ import numpy as np
 
 from ..config import ModelFileError
 from ..export_format import INPUTS, ONNX_FILE, OUTPUTS, read_manifest
+from ..memory import map_large_allocations
 
 class ProviderUnavailableError(RuntimeError):
     """An execution provider that was asked for is missing from, or failed to start in, onnxruntime."""
@@ -105,7 +106,13 @@ class OnnxBackend:
             # raised the peak 1.1-1.8x on long documents (FACTS.md; 2.24 -> 2.04 GiB at 64k tokens, tiny
             # model); the allocations it would save are small next to a long document's compute.
             session_options.enable_cpu_mem_arena = False
+            # No buffer reuse either: a freed buffer that ONNX Runtime keeps for a later tensor of the
+            # same size stays allocated until then, and on a long document those gaps span layers.
+            # Together with map_large_allocations (runtimes.memory): tiny config, 32k tokens,
+            # 0.99 -> 0.34 GiB peak RSS.
+            session_options.enable_mem_reuse = False
         self.session_options = session_options
+        map_large_allocations()
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=session_options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..attention import set_length_policy
+from ..memory import map_large_allocations
 from ..modeling import DeweyModel, reduce_precision
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -46,6 +47,7 @@ class TorchBackend:
         if model.attention == "linear":
             set_length_policy(self.model.backbone)  # short rows: one masked SDPA call (runtimes.attention)
         self.vector_size = model.vector_size
+        map_large_allocations()  # a long document's freed activations go back to the system (runtimes.memory)
 
     @classmethod
     def from_folder(cls, folder: str | Path, config=None, device=None, dtype=None) -> "TorchBackend":
