@@ -11,13 +11,16 @@ tensor is.
 Measured (tiny config, 32,768 tokens, ONNX Runtime 1.32, 1 thread, peak RSS of the process):
 0.99 GiB as it was; 0.93 with the fixed threshold alone; 0.75 with ONNX Runtime's buffer reuse off
 alone (a buffer kept for a later tensor of the same size outlives its own); 0.34 GiB with both; at
-128k tokens 4.01 -> 1.18 GiB. PyTorch backend, same document, 2 threads: 1.08 -> 0.95 GiB. The cost is
-a page fault per 4 KiB of every large tensor: ModernBERT-base shape, 8 x 512 tokens through ONNX
-Runtime (1 thread, both settings together), 5.76 -> 6.14 s per batch (+7 %); a 4 MiB threshold costs
-the same there (its tensors are 12 MB), and 16 MiB gives back a quarter of the memory saved.
+128k tokens 4.01 -> 1.18 GiB. PyTorch backend, same document, 2 threads: 1.08 -> 0.95 GiB.
 
-Backends call ``map_large_allocations()`` when they are created; set ``DEWEY_MALLOC_TUNING=0`` to
-leave the process's malloc as it is (the setting is process-wide).
+The price is a page fault per 4 KiB of every large tensor, which short batches feel: ModernBERT-base
+shape, 8 x 512 tokens, 2 threads, PyTorch 6.45 -> 7.61 s per batch (+18 %); a 4 MiB threshold would
+not help (those tensors are 12 MB). So the threshold follows the batch (``tune_for_length``, called by
+the backends before each forward): rows longer than ``LONG_ROW_TOKENS`` get the 1 MiB threshold;
+shorter ones get a fixed 32 MiB, glibc's own ceiling for its moving threshold, so they reuse heap memory
+as before. With this policy the same batch ran as fast as with malloc untouched (PyTorch 5.78-6.16
+against 5.76-6.16 s, ONNX Runtime 3.14-3.17 against 3.16-3.21 s, alternating runs). ``DEWEY_MALLOC_TUNING=0`` leaves malloc alone (the setting is
+process-wide).
 """
 
 from __future__ import annotations
@@ -26,9 +29,16 @@ import ctypes
 import os
 import sys
 
-# Allocations of at least this many bytes get a mapping of their own. 1 MiB: small allocations keep
-# the fast heap; measured the same peak as 64 KiB.
+from .batching import DEFAULT_LONG_THRESHOLD
+
+# Long rows: allocations of at least this many bytes get a mapping of their own. 1 MiB: small
+# allocations keep the fast heap; measured the same peak as 64 KiB (16 MiB gave back a quarter of the
+# memory saved).
 MMAP_THRESHOLD = 1 << 20
+# Short rows: glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, where its moving threshold stops anyway.
+SHORT_MMAP_THRESHOLD = 32 << 20
+# Rows longer than this take MMAP_THRESHOLD: the batching policy's long-row threshold (2048).
+LONG_ROW_TOKENS = DEFAULT_LONG_THRESHOLD
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 ENV_SWITCH = "DEWEY_MALLOC_TUNING"
 
@@ -53,3 +63,13 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
         return False
     libc = _glibc()
     return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1)
+
+
+def threshold_for_length(seq_len: int) -> int:
+    """The policy: the mmap threshold for a batch whose rows are ``seq_len`` tokens long."""
+    return MMAP_THRESHOLD if seq_len > LONG_ROW_TOKENS else SHORT_MMAP_THRESHOLD
+
+
+def tune_for_length(seq_len: int) -> bool:
+    """Set the threshold for a batch of ``seq_len``-token rows; True when it is in effect."""
+    return map_large_allocations(threshold_for_length(seq_len))

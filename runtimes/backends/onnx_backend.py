@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import ModelFileError
 from ..export_format import INPUTS, ONNX_FILE, OUTPUTS, read_manifest
-from ..memory import map_large_allocations
+from ..memory import tune_for_length
 
 class ProviderUnavailableError(RuntimeError):
     """An execution provider that was asked for is missing from, or failed to start in, onnxruntime."""
@@ -108,11 +108,10 @@ class OnnxBackend:
             session_options.enable_cpu_mem_arena = False
             # No buffer reuse either: a freed buffer that ONNX Runtime keeps for a later tensor of the
             # same size stays allocated until then, and on a long document those gaps span layers.
-            # Together with map_large_allocations (runtimes.memory): tiny config, 32k tokens,
-            # 0.99 -> 0.34 GiB peak RSS.
+            # Together with the mmap threshold set per forward (runtimes.memory): tiny config, 32k
+            # tokens, 0.99 -> 0.34 GiB peak RSS.
             session_options.enable_mem_reuse = False
         self.session_options = session_options
-        map_large_allocations()
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=session_options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
@@ -171,6 +170,7 @@ class OnnxBackend:
         return f"OnnxBackend(providers={self.providers}, threads={self.session_options.intra_op_num_threads})"
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, span_bounds: np.ndarray):
+        tune_for_length(np.shape(input_ids)[-1])  # long rows: freed activations go back to the system
         cls, spans = self.session.run(
             ["cls", "spans"],
             {

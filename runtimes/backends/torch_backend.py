@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..attention import set_length_policy
-from ..memory import map_large_allocations
+from ..memory import tune_for_length
 from ..modeling import DeweyModel, reduce_precision
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -47,7 +47,6 @@ class TorchBackend:
         if model.attention == "linear":
             set_length_policy(self.model.backbone)  # short rows: one masked SDPA call (runtimes.attention)
         self.vector_size = model.vector_size
-        map_large_allocations()  # a long document's freed activations go back to the system (runtimes.memory)
 
     @classmethod
     def from_folder(cls, folder: str | Path, config=None, device=None, dtype=None) -> "TorchBackend":
@@ -57,6 +56,7 @@ class TorchBackend:
         return f"TorchBackend(device={str(self.device)!r}, dtype={str(self.dtype).removeprefix('torch.')!r})"
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, span_bounds: np.ndarray):
+        tune_for_length(np.shape(input_ids)[-1])  # long rows: freed activations go back to the system
         with torch.inference_mode():
             cls, spans = self.model(
                 torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.device),
