@@ -19,13 +19,14 @@ not help (those tensors are 12 MB). So the threshold follows the batch (``tune_f
 the backends before each forward): rows longer than ``LONG_ROW_TOKENS`` get the 1 MiB threshold;
 shorter ones get a fixed 32 MiB, glibc's own ceiling for its moving threshold, so they reuse heap memory
 as before. With this policy the same batch ran as fast as with malloc untouched (PyTorch 5.78-6.16
-against 5.76-6.16 s, ONNX Runtime 3.14-3.17 against 3.16-3.21 s, alternating runs). ``DEWEY_MALLOC_TUNING=0`` leaves malloc alone (the setting is
-process-wide).
+against 5.76-6.16 s, ONNX Runtime 3.14-3.17 against 3.16-3.21 s, alternating runs).
+``DEWEY_MALLOC_TUNING=0`` leaves malloc alone (the setting is process-wide).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -43,6 +44,7 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 ENV_SWITCH = "DEWEY_MALLOC_TUNING"
 
 
+@functools.cache
 def _glibc():
     if not sys.platform.startswith("linux"):
         return None

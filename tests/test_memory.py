@@ -73,6 +73,8 @@ def test_the_switch_turns_malloc_tuning_off(monkeypatch):
 def test_malloc_tuning_applies_on_glibc(monkeypatch):
     monkeypatch.delenv(ENV_SWITCH, raising=False)
     assert map_large_allocations() is True
+    # The short-row threshold sits at glibc's 32 MiB ceiling for its moving threshold: accepted too.
+    assert map_large_allocations(SHORT_MMAP_THRESHOLD) is True
 
 
 @pytest.fixture(scope="module")
