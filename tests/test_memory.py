@@ -30,7 +30,7 @@ CHILD = textwrap.dedent(
     import json, sys
     import numpy as np
     import onnxruntime as ort
-    from runtimes.backends.onnx_backend import OnnxBackend, available_cpus
+    from runtimes.backends.onnx_backend import OnnxBackend
 
     folder, length, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     options = None
