@@ -5,7 +5,10 @@ text's own tokens: no [CLS], no prompt). Character spans follow from the token o
 maps back to a slice of the caller's original string.
 
 - ``tokens``: fixed windows of ``chunk_size`` tokens, stepping ``chunk_size - chunk_overlap``, on token
-  ids (the authors' retrieval setting is 256 / 64).
+  ids (the authors' retrieval setting is 256 / 64). The last window ends at the text's end and, when
+  the text is longer than ``chunk_size``, still holds ``chunk_size`` tokens: it starts earlier and
+  overlaps its neighbour by more. A short tail window would be a mean over a few tokens, and a few
+  tokens that match a query outscore every full window under max-over-chunks scoring.
 - ``words``: windows of at most ``chunk_size`` tokens that start and end at word boundaries (a word
   is a whitespace-delimited run of the text), stepping back about ``chunk_overlap`` tokens; a single
   word longer than ``chunk_size`` tokens is cut. This is the paper's "split by words", counted in
@@ -40,18 +43,18 @@ def check_chunk_args(chunk_size, chunk_overlap, splitter: str) -> None:
 
 def token_windows(n_tokens: int, chunk_size: int, chunk_overlap: int) -> np.ndarray:
     """Windows of ``chunk_size`` over ``n_tokens``, each starting ``chunk_size - chunk_overlap`` after the
-    last; the final window ends at ``n_tokens`` (it may be shorter). Returns int64 [n_chunks, 2]."""
+    last, except the final one: it ends at ``n_tokens`` and starts at ``n_tokens - chunk_size`` (so it
+    overlaps the one before by at least ``chunk_overlap``), or at 0 for a text of at most ``chunk_size``
+    tokens. The count is ``1 + ceil((n_tokens - chunk_size) / step)``. Returns int64 [n_chunks, 2]."""
     step = chunk_size - chunk_overlap
     spans = []
     if n_tokens <= 0:
         return np.zeros((0, 2), dtype=np.int64)
     start = 0
-    while True:
-        end = min(start + chunk_size, n_tokens)
-        spans.append((start, end))
-        if end == n_tokens:
-            break
+    while start + chunk_size < n_tokens:
+        spans.append((start, start + chunk_size))
         start += step
+    spans.append((max(n_tokens - chunk_size, 0), n_tokens))
     return np.asarray(spans, dtype=np.int64)
 
 

@@ -69,18 +69,21 @@ def assert_covers_non_whitespace(text, doc, end=None):
 
 @pytest.mark.parametrize("chunk_size, chunk_overlap", [(64, 16), (32, 0), (7, 3), (1, 0), (50, 49)])
 def test_token_windows_step_overlap_and_cover(encoder, doc_text, doc_tokens, chunk_size, chunk_overlap):
-    """tokens splitter: windows of chunk_size stepping size - overlap, overlapping by exactly overlap,
-    covering every token 0..n-1, the last ending at n."""
+    """tokens splitter: windows of exactly chunk_size, stepping size - overlap and overlapping by exactly
+    overlap, except the last: it ends at n, overlaps by at least overlap; every token 0..n-1 covered."""
     n = len(doc_tokens[0])
+    assert n > chunk_size
     doc = encoder.encode_chunks(doc_text, chunk_size=chunk_size, chunk_overlap=chunk_overlap, splitter="tokens")
     spans = doc.token_spans
     step = chunk_size - chunk_overlap
-    assert [a for a, _ in spans] == list(range(0, step * len(spans), step))
-    assert all(b - a == chunk_size for a, b in spans[:-1])
-    assert 1 <= spans[-1][1] - spans[-1][0] <= chunk_size
-    assert spans[-1][1] == n
-    for (a0, b0), (a1, b1) in zip(spans, spans[1:]):
+    assert len(spans) == 1 + -(-(n - chunk_size) // step)
+    assert [a for a, _ in spans[:-1]] == list(range(0, step * (len(spans) - 1), step))
+    assert all(b - a == chunk_size for a, b in spans)
+    assert spans[-1] == (n - chunk_size, n)
+    for (a0, b0), (a1, b1) in zip(spans[:-2], spans[1:-1]):
         assert b0 - a1 == chunk_overlap
+    assert spans[-2][1] - spans[-1][0] >= chunk_overlap
+    assert spans[-1][0] > spans[-2][0]  # no window inside another
     covered = np.zeros(n, dtype=bool)
     for a, b in spans:
         covered[a:b] = True
@@ -377,18 +380,22 @@ def test_truncate_false_raises_in_chunk_mode(encoder, doc_text):
     "n, size, overlap, expected",
     [
         (10, 4, 1, [(0, 4), (3, 7), (6, 10)]),
-        (11, 4, 1, [(0, 4), (3, 7), (6, 10), (9, 11)]),
+        (11, 4, 1, [(0, 4), (3, 7), (6, 10), (7, 11)]),
         (8, 4, 0, [(0, 4), (4, 8)]),
-        (9, 4, 0, [(0, 4), (4, 8), (8, 9)]),
+        (9, 4, 0, [(0, 4), (4, 8), (5, 9)]),
         (3, 8, 2, [(0, 3)]),
         (8, 8, 2, [(0, 8)]),
+        (9, 8, 2, [(0, 8), (1, 9)]),
         (1, 1, 0, [(0, 1)]),
         (3, 1, 0, [(0, 1), (1, 2), (2, 3)]),
         (5, 3, 2, [(0, 3), (1, 4), (2, 5)]),
+        (270, 256, 64, [(0, 256), (14, 270)]),
+        (600, 256, 64, [(0, 256), (192, 448), (344, 600)]),
     ],
 )
 def test_token_windows_unit(n, size, overlap, expected):
-    """token_windows: exact windows, int64 [k, 2], the last one ending at n."""
+    """token_windows: exact windows, int64 [k, 2]; the last one ends at n and is a full window whenever
+    n > size (a short tail would be a mean over a few tokens)."""
     spans = token_windows(n, size, overlap)
     assert spans.dtype == np.int64 and spans.shape == (len(expected), 2)
     assert [tuple(s) for s in spans.tolist()] == expected
@@ -440,7 +447,7 @@ def test_char_spans_with_real_offsets(encoder):
     cases = (("Plain words, and punctuation: (a, b).", True), ("Grüße 🙂 日本語. Plain too.", False))
     for text, exact in cases:
         _, offsets = text_tokens(encoder, text)
-        windows = token_windows(len(offsets), 3, 0)
+        windows = np.array([(i, min(i + 3, len(offsets))) for i in range(0, len(offsets), 3)], dtype=np.int64)
         spans = char_spans(offsets, windows)
         assert spans[0, 0] == 0 and spans[-1, 1] == len(text)
         if exact:
