@@ -13,7 +13,7 @@ from pathlib import Path
 
 OPTIMIZERS = ("stable_adamw", "adamw")
 WHOLE_TEXT_TARGETS = ("auto", "chunk_mean")
-EMBEDDING_INITS = ("teacher_pca", "random")
+EMBEDDING_INITS = ("teacher_pca", "teacher_static", "random")
 
 
 @dataclass
@@ -35,7 +35,9 @@ class StudentShape:
     # then count the same tokens); otherwise a path to a tokenizer.json.
     tokenizer: str = "teacher"
     # "teacher_pca": token embeddings start as the teacher's, projected on their top principal
-    # directions (needs tokenizer="teacher"); "random": ModernBERT's initialisation.
+    # directions (needs tokenizer="teacher"); "teacher_static": the student starts as a bag of the
+    # teacher's vectors of single tokens, in the teacher's space (needs tokenizer="teacher" and
+    # vector_size = the teacher's dimension; see dewey_train/student.py); "random": ModernBERT's.
     embedding_init: str = "teacher_pca"
     single_vector_type: str = "mean"
 

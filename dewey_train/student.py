@@ -5,10 +5,20 @@ tokens added, so chunk sizes in student tokens are chunk sizes in teacher tokens
 embeddings can start from the teacher's: the teacher's embedding matrix, centred and projected on its
 top ``hidden_size`` principal directions (``embedding_init="teacher_pca"``). Everything else starts
 from ModernBERT's initialisation.
+
+``embedding_init="teacher_static"`` starts the whole student in the teacher's space instead: its token
+embeddings are the teacher's *output* vectors of every token embedded alone as a one-token text,
+centred and projected on their top principal directions; its output head maps those directions back
+into the teacher's space; the output projections of every attention and MLP block start at zero. A new
+student is then exactly a bag of static teacher vectors (the mean of the span's token vectors), which
+already ranks text in the teacher's space, names and words the training corpus never shows included;
+training adds context on top. (The idea of static vectors distilled from a sentence encoder is
+Model2Vec's; the code here is ours.)
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -96,6 +106,79 @@ def teacher_pca_embeddings(teacher_path: Path, rows: int, width: int):
     return projected.float()
 
 
+@functools.lru_cache(maxsize=2)
+def teacher_static_vectors(teacher_path: Path, batch_size: int = 1024):
+    """The teacher's vector of every token of its vocabulary embedded alone (the one-token text
+    ``[CLS] token [SEP]``, through the teacher's own pooling): float64 [teacher vocab, teacher dim].
+    About 15 s for MiniLM on 2 cores; kept for the process (callers must not modify the tensor)."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(teacher_path), device="cpu", local_files_only=True).eval()
+    tokenizer = model.tokenizer
+    # The special tokens around a one-token text, as the teacher's tokenizer adds them.
+    full, bare = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    if len(bare) != 1 or bare[0] not in full:
+        raise ValueError(f"teacher {teacher_path}: cannot find how its tokenizer wraps a one-token text")
+    at = full.index(bare[0])
+    ids = torch.tensor([full[:at] + [i] + full[at + 1:] for i in range(tokenizer.vocab_size)], dtype=torch.long)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(ids), batch_size):
+            part = ids[start:start + batch_size]
+            features = {"input_ids": part, "attention_mask": torch.ones_like(part)}
+            if "token_type_ids" in tokenizer.model_input_names:
+                features["token_type_ids"] = torch.zeros_like(part)
+            out.append(model(features)["sentence_embedding"].double())
+    return torch.cat(out)
+
+
+def apply_static_init(model, teacher_path: Path) -> None:
+    """Make a new ``DeweyModel`` a bag of the teacher's static token vectors (module docstring).
+
+    Embedding rows are PCA coordinates of the centred static vectors on ``hidden_size - 1`` directions,
+    written in a basis of zero-mean coordinates: LayerNorm (weight 1, no bias) then only rescales a row,
+    so the embedding and final norms keep its direction. The head maps the coordinates back into the
+    teacher's space. Rows past the teacher's vocabulary (Dewey's added tokens, padding) keep their
+    random values."""
+    import torch
+
+    if model.head is None:
+        raise ValueError(
+            "embedding_init='teacher_static' needs a head back into the teacher's space: vector_size = the "
+            f"teacher's dimension, different from hidden_size (both are {model.config.hidden_size})"
+        )
+    vectors = teacher_static_vectors(Path(teacher_path))
+    dim = vectors.shape[1]
+    width = model.config.hidden_size
+    if model.head.out_features != dim:
+        raise ValueError(
+            f"embedding_init='teacher_static' needs vector_size = the teacher's dimension ({dim}) and a "
+            f"hidden_size different from it (the head maps back into the teacher's space); got "
+            f"vector_size {model.vector_size}, hidden_size {width}"
+        )
+    if not 2 <= width <= dim + 1:
+        raise ValueError(f"embedding_init='teacher_static' needs 2 <= hidden_size <= {dim + 1}, got {width}")
+    embeddings = model.backbone.embeddings.tok_embeddings.weight
+    if embeddings.shape[0] < len(vectors):
+        raise ValueError(f"the student has {embeddings.shape[0]} embedding rows, the teacher's vocabulary {len(vectors)}")
+    centred = vectors - vectors.mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    basis = vh[: width - 1]  # [k, dim]
+    # Orthonormal columns spanning the zero-mean vectors of R^width: [width, k]
+    zero_mean = torch.linalg.svd(torch.eye(width, dtype=torch.float64) - 1.0 / width)[0][:, : width - 1]
+    table = centred @ basis.T @ zero_mean.T
+    table = table / table.pow(2).mean().sqrt()
+    with torch.no_grad():
+        embeddings[: len(table)] = table.to(embeddings.dtype)
+        model.head.weight.copy_((basis.T @ zero_mean.T).to(model.head.weight.dtype))
+        for layer in model.backbone.layers:
+            for block in (layer.attn, layer.mlp):
+                block.Wo.weight.zero_()
+                if block.Wo.bias is not None:
+                    block.Wo.bias.zero_()
+
+
 def build_student(shape: StudentShape, teacher_path: Path, folder: str | Path, seed: int = 0) -> Path:
     """Write a new student checkpoint (config.json, model.safetensors, tokenizer files) into ``folder``."""
     import torch
@@ -114,6 +197,10 @@ def build_student(shape: StudentShape, teacher_path: Path, folder: str | Path, s
         table = teacher_pca_embeddings(teacher_path, raw["vocab_size"], shape.hidden_size)
         with torch.no_grad():
             model.backbone.embeddings.tok_embeddings.weight[: table.shape[0]] = table
+    elif shape.embedding_init == "teacher_static":
+        if shape.tokenizer != "teacher":
+            raise ValueError("embedding_init='teacher_static' needs tokenizer='teacher' (the rows must be the same tokens)")
+        apply_static_init(model, teacher_path)
     model.save_pretrained(folder)
     with atomic_path(folder / TOKENIZER_FILE) as tmp:
         tokenizer.save(tmp)

@@ -198,6 +198,44 @@ def test_teacher_cache_is_hit_on_second_run(tmp_path):
     assert float(vectors[0] @ vectors[1]) < 0.5  # real embeddings: unrelated sentences differ
 
 
+def test_teacher_static_init_is_a_bag_of_teacher_token_vectors(tmp_path):
+    """embedding_init='teacher_static': before any training, the student's mean vector of a text is the
+    normalised mean of its tokens' centred static teacher vectors (unit length, projected on the top
+    hidden_size - 1 principal directions), and one-token words land nearest their own teacher vectors."""
+    from dewey_train.config import StudentShape
+    from dewey_train.student import build_student, teacher_static_vectors
+    from dewey_train.teacher import Teacher, resolve_teacher_path
+    from runtimes import load
+
+    path = resolve_teacher_path("minilm")
+    width = 64
+    shape = StudentShape(hidden_size=width, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         vector_size=384, max_position_embeddings=1024, embedding_init="teacher_static")
+    student = load(build_student(shape, path, tmp_path / "student"), backend="torch")
+
+    static = teacher_static_vectors(path).numpy()
+    centred = static - static.mean(axis=0)
+    basis = np.linalg.svd(centred, full_matrices=False)[2][: width - 1]
+    coords = centred @ basis.T
+    texts = ["The grass is green and the sky is blue.", "Carmichael's pass key is 48213.", "import json"]
+    ids = [e.ids for e in student.tokenizer.encode_texts(texts)]
+    unit = coords / np.linalg.norm(coords, axis=1, keepdims=True)
+    expected = np.stack([unit[i].mean(axis=0) @ basis for i in ids])
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(student.encode(texts, mode="mean"), expected, atol=1e-4)
+
+    words = ["grass", "ocean", "violin", "python", "pizza", "thunder"]
+    assert all(len(e.ids) == 1 for e in student.tokenizer.encode_texts(words))
+    teacher = Teacher("minilm").embed(words)
+    similarity = student.encode(words, mode="mean") @ (teacher - static.mean(axis=0)).T
+    assert similarity.argmax(axis=1).tolist() == list(range(len(words)))
+
+    with pytest.raises(ValueError, match="vector_size"):
+        build_student(StudentShape(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                   vector_size=32, max_position_embeddings=512, embedding_init="teacher_static"),
+                      path, tmp_path / "bad")
+
+
 # -- training -------------------------------------------------------------------------------------
 
 
