@@ -92,7 +92,7 @@ def test_recipe_loads_and_overrides_apply():
                                                                    parse_override("lr=2e-4")]))
     assert cfg.student.hidden_size == 128 and cfg.lr == 2e-4
     assert cfg.student.max_position_embeddings == 131072 and cfg.student.global_rope_theta == 73780400.0
-    assert cfg.student.local_attention == 128
+    assert cfg.student.local_attention == 128 and cfg.student.embedding_init == "teacher_static"
     assert None in cfg.prompts and "query" in cfg.prompts
     with pytest.raises(ValueError, match="unknown key"):
         config_from_dict({"learning_rate": 1e-4})
