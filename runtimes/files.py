@@ -1,12 +1,78 @@
-"""Small file helpers shared by every part: atomic files and folders."""
+"""Small file helpers shared by every part: atomic files and folders, and the cleanup of what an
+interrupted writer left behind.
+
+Every temporary name made here is ``.{target}.{pid}.{random}.tmp`` (a file or folder being written) or
+``.{target}.{pid}.{random}.old`` (the previous folder, moved aside during a swap), beside the target.
+The writer's process id in the name is what lets a later run tell a crashed writer's leftovers (the
+process is gone) from a concurrent writer's work in progress (the process is alive).
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+
+_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.(?P<kind>tmp|old)$")
+
+
+def _temporary_name(target: Path, kind: str) -> Path:
+    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{kind}")
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM  # exists, owned by another user
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def leftovers(target: str | Path) -> list[Path]:
+    """Temporary files and folders of ``target`` whose writer process is gone (a crash, a kill -9)."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    found = []
+    for entry in target.parent.iterdir():
+        match = _LEFTOVER.match(entry.name)
+        if match and match["target"] == target.name and not _process_alive(int(match["pid"])):
+            found.append(entry)
+    return sorted(found)
+
+
+def clean_leftovers(target: str | Path, log=None) -> list[Path]:
+    """Remove what a dead writer of ``target`` left beside it; returns the removed paths.
+
+    A folder moved aside during a swap (``.old``) is the previous ``target``: when the crash came
+    between the two renames and ``target`` is missing, it is put back instead of being removed.
+    """
+    target = Path(target)
+    removed = []
+    for path in leftovers(target):
+        if path.name.endswith(".old") and not target.exists():
+            path.rename(target)
+            if log:
+                log(f"restored {target} from {path.name}, left by an interrupted replace")
+            continue
+        _remove(path)
+        removed.append(path)
+        if log:
+            log(f"removed {path}, left by an interrupted run")
+    return removed
 
 
 @contextmanager
@@ -17,7 +83,7 @@ def atomic_path(target: str | Path):
     """
     target = Path(target)
     # A fresh name, not a file made by mkstemp: the writer creates it with the usual permissions.
-    tmp = str(target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
+    tmp = str(_temporary_name(target, "tmp"))
     try:
         yield tmp
         os.replace(tmp, target)
@@ -33,7 +99,7 @@ def staged_folder(target: str | Path):
     temporary folder is removed and ``target`` is left as it was."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _temporary_name(target, "tmp")
     tmp.mkdir()
     try:
         yield tmp
@@ -44,9 +110,13 @@ def staged_folder(target: str | Path):
 
 
 def publish_folder(staging: Path, out: Path) -> None:
-    """Rename the finished staging folder onto ``out``; an old ``out`` is removed only afterwards."""
+    """Rename the finished staging folder onto ``out``; an old ``out`` is removed only afterwards.
+
+    A crash between the two renames leaves the old folder as ``.{out}.{pid}.{random}.old``;
+    ``clean_leftovers(out)`` puts it back.
+    """
     if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        old = _temporary_name(out, "old")
         out.rename(old)
         staging.rename(out)
         shutil.rmtree(old, ignore_errors=True)
