@@ -41,28 +41,30 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def leftovers(target: str | Path) -> list[Path]:
-    """Temporary files and folders of ``target`` whose writer process is gone (a crash, a kill -9)."""
-    target = Path(target)
-    if not target.parent.is_dir():
+def leftovers(folder: str | Path, name: str | None = None) -> list[Path]:
+    """Temporary files and folders in ``folder`` (of the target ``name`` only, when given) whose
+    writer process is gone: what a crash or a kill -9 left behind."""
+    folder = Path(folder)
+    if not folder.is_dir():
         return []
     found = []
-    for entry in target.parent.iterdir():
+    for entry in folder.iterdir():
         match = _LEFTOVER.match(entry.name)
-        if match and match["target"] == target.name and not _process_alive(int(match["pid"])):
+        if match and (name is None or match["target"] == name) and not _process_alive(int(match["pid"])):
             found.append(entry)
     return sorted(found)
 
 
-def clean_leftovers(target: str | Path, log=None) -> list[Path]:
-    """Remove what a dead writer of ``target`` left beside it; returns the removed paths.
+def clean_leftovers(folder: str | Path, name: str | None = None, log=None) -> list[Path]:
+    """Remove what dead writers left in ``folder`` (for the target ``name`` only, when given); returns
+    the removed paths.
 
-    A folder moved aside during a swap (``.old``) is the previous ``target``: when the crash came
-    between the two renames and ``target`` is missing, it is put back instead of being removed.
+    A folder moved aside during a swap (``.old``) is the previous target: when the crash came between
+    the two renames and the target is missing, it is put back instead of being removed.
     """
-    target = Path(target)
     removed = []
-    for path in leftovers(target):
+    for path in leftovers(folder, name):
+        target = path.with_name(_LEFTOVER.match(path.name)["target"])
         if path.name.endswith(".old") and not target.exists():
             path.rename(target)
             if log:
@@ -113,7 +115,7 @@ def publish_folder(staging: Path, out: Path) -> None:
     """Rename the finished staging folder onto ``out``; an old ``out`` is removed only afterwards.
 
     A crash between the two renames leaves the old folder as ``.{out}.{pid}.{random}.old``;
-    ``clean_leftovers(out)`` puts it back.
+    ``clean_leftovers(out.parent, out.name)`` puts it back.
     """
     if out.exists():
         old = _temporary_name(out, "old")
