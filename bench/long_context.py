@@ -42,7 +42,7 @@ DEFAULT_LENGTHS = {
     "base": [4096, 8192, 16384, 32768],
     "large": [8192, 16384, 32768],
 }
-# The dense export builds (B, heads, S, S) tensors in every layer (FACTS.md: 14.9 GiB at 16k, tiny).
+# The dense export builds (B, heads, S, S) tensors in every layer (ONNX Runtime needed 14.9 GiB at 16k tokens for the tiny shape).
 DENSE_MAX_LENGTH = {"tiny": 8192, "base": 4096, "large": 4096}
 GIB = 1024**3
 

@@ -56,7 +56,7 @@ class TrainConfig:
     teacher_batch_size: int = 64
     whole_text_target: str = "auto"  # auto: teacher(whole text) when it fits its window, else chunk mean
     export_projection: bool = False  # fold the teacher-space projection into the saved model's head
-    # -- training chunks (DEWEY.md): 70 % recursive, 30 % by words; sizes in student tokens
+    # -- training chunks (the Dewey report's mix): 70 % recursive, 30 % by words; sizes in student tokens
     recursive_fraction: float = 0.7
     chunk_size_min: int = 64
     chunk_size_max: int = 500

@@ -2,7 +2,7 @@
 
 1. **Pieces.** A document longer than a training row (``max_length`` tokens with [CLS], [SEP] and the
    longest prompt) is cut into consecutive pieces at word boundaries, so no text is thrown away.
-2. **Chunks** (DEWEY.md): per piece, with probability ``recursive_fraction`` (0.7) the recursive
+2. **Chunks** (the mix of the Dewey report, arXiv 2503.20376): per piece, with probability ``recursive_fraction`` (0.7) the recursive
    splitter (paragraphs, lines, sentences, words), otherwise split by words; ``chunk_size`` uniform in
    ``chunk_size_min..chunk_size_max`` and the overlap uniform in ``0.3..0.6 x chunk_size``, all counted
    in *student tokens*: the paper does not say its unit, and tokens are what the student's spans and

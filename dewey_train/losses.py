@@ -1,4 +1,5 @@
-"""Chunk-alignment distillation losses (DEWEY.md; weights from the Jasper/Stella recipe).
+"""Chunk-alignment distillation losses (Dewey report, arXiv 2503.20376; weights from the
+Jasper/Stella recipe, arXiv 2412.19048).
 
 With s the L2-normalised student vectors and t the teacher vectors of one batch:
 - cosine loss: sum over the vectors of (1 - s . t);

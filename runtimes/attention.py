@@ -2,7 +2,7 @@
 
 ModernBERT alternates sliding-window layers (each token sees |i - j| <= W keys, W = 64 for Dewey) and
 global layers. transformers builds dense (B, 1, S, S) masks for both and scores every pair: memory
-grows with S^2 and a 24 GiB machine stops near 16-28k tokens (FACTS.md). Here:
+grows with S^2 and a 24 GiB machine stops near 16-28k tokens. Here:
 
 - Sliding layers attend block-locally: queries in blocks of W, each block against the keys of the
   previous, current and next block under a constant (W, 3W) band mask. The band covers every key a

@@ -1,8 +1,8 @@
 """Batching: padding invariance, input order, small batches, and the plan_batches / pad_batch helpers.
 
 A text's vector must not depend on which other texts share its batch: padding, length sorting and
-batch splitting are implementation details of throughput, never of results (DESIGN.md, "Batching:
-sort by length, pad per batch, cap a batch by a token budget; results come back in input order").
+batch splitting are implementation details of throughput, never of results (sort by length,
+pad per batch, cap a batch by a token budget; results come back in input order).
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ def test_mean_matches_loop_reference(encoder, long_text, prompt):
 
 @pytest.mark.parametrize("prompt", [None, "query"])
 def test_cls_add_mean_is_normalized_sum_of_normalized_parts(encoder, long_text, prompt):
-    """mode='cls_add_mean' = normalize(normalize(cls) + normalize(mean)) (DESIGN.md's definition); it is
+    """mode='cls_add_mean' = normalize(normalize(cls) + normalize(mean)) (dewey's definition; the published one is unknown); it is
     also the model's default single_vector_type, so mode=None must give the same vectors."""
     texts = [SHORT, MEDIUM, long_text[:600]]
     expected = []

@@ -1,4 +1,4 @@
-"""Backends: each owns exactly one thing, the forward pass (DESIGN.md, "The backend contract").
+"""Backends: each owns exactly one thing, the forward pass (the backend contract).
 
     forward(input_ids int64[B, S], attention_mask int64[B, S], span_bounds int64[B, C, 2])
         -> cls float32[B, D], spans float32[B, C, D]
