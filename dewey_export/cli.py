@@ -1,7 +1,8 @@
 """``dewey-export``: export a Dewey checkpoint, and re-check an export against PyTorch.
 
-Exit codes: 0 ok; 1 parity verification failed; 2 bad usage or input (missing or corrupt model folder,
-unknown target, an output folder that exists).
+Exit codes: 0 ok; 1 verification failed (parity, or export files that differ from their manifest);
+2 bad usage or input (missing or corrupt model folder or manifest, unknown target, an output path that
+exists and may not be replaced, or cannot be written).
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def _log(message: str) -> None:
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare the export with the PyTorch backend before publishing it (fp32: max abs diff "
                    "<= 1e-4, cosine >= 0.99999); a failure exits 1 and is recorded in the manifest.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new export is complete).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace --out if it holds a previous dewey export (only once the new export is complete). "
+                   "Any other existing folder or file, and the checkpoint itself, is never replaced.")
 @click.pass_context
 def main(ctx, model, target, out, device_target, opset, attention, precision, buckets, workspace_gib, timing_cache,
          version_compatible, verify, overwrite):
@@ -92,7 +95,7 @@ def main(ctx, model, target, out, device_target, opset, attention, precision, bu
         result = export_onnx(model, out, target=device_target, opset=int(opset) if opset else None,
                              attention=attention, precision=precision, verify=verify, overwrite=overwrite,
                              log=_log)
-    except (ModelFileError, ExportError) as exc:
+    except (ModelFileError, ExportError, OSError) as exc:  # OSError: --out cannot be written
         raise BadInput(str(exc)) from exc
     if not result.passed:
         _log(describe_failure(result.manifest["parity"]))
@@ -109,17 +112,25 @@ def main(ctx, model, target, out, device_target, opset, attention, precision, bu
               help="ONNX Runtime device for the export: cpu, cuda[:N] or tensorrt[:N] (needs onnxruntime-gpu); "
                    "the PyTorch reference runs on the CPU in fp32.")
 def verify(folder, model, json_out, device):
-    """Re-run the parity check of an export FOLDER against its PyTorch checkpoint."""
+    """Check an export FOLDER's files against its manifest (size and sha256 of each), then re-run the
+    parity check against its PyTorch checkpoint. Exit 1 if a file differs or parity fails."""
     from runtimes.backends.onnx_backend import OnnxBackend, ProviderUnavailableError, providers_for
     from runtimes.backends.torch_backend import TorchBackend
     from runtimes.config import load_config
-    from runtimes.export_format import ONNX_FILE, read_manifest
+    from runtimes.export_format import ONNX_FILE, ExportFilesChanged, check_export_files, sha256_file
 
-    from .onnx_export import CHECKPOINT_FILES, check_checkpoint, sha256_file
+    from .onnx_export import CHECKPOINT_FILES, check_checkpoint
     from .verify import compare_backends, describe_failure, parity_cases, parity_thresholds
 
     try:
-        manifest = read_manifest(folder)
+        manifest = check_export_files(folder)
+    except ExportFilesChanged as exc:
+        _log(f"{folder}: files changed or damaged since export (compared with its manifest):\n  "
+             + "\n  ".join(exc.problems))
+        sys.exit(EXIT_VERIFY_FAILED)
+    except ModelFileError as exc:
+        raise BadInput(str(exc)) from exc
+    try:
         model = Path(model or manifest["source"]["path"])
         check_checkpoint(model)
         changed = [name for name in CHECKPOINT_FILES
@@ -127,13 +138,11 @@ def verify(folder, model, json_out, device):
         if changed:
             raise BadInput(f"{model} is not the checkpoint this export was made from: {', '.join(changed)} differ "
                            "(sha256 in the manifest); pass --model with the original checkpoint")
-        if sha256_file(folder / ONNX_FILE) != manifest["onnx"]["sha256"]:
-            _log(f"note: {folder / ONNX_FILE} has changed since export (sha256 differs from the manifest)")
         _log(f"Comparing {folder} with {model}")
         candidate = OnnxBackend(folder / ONNX_FILE, providers=providers_for(device))
         report = compare_backends(TorchBackend.from_folder(model), candidate,
                                   parity_cases(load_config(model)), log=_log,
-                                  **parity_thresholds(manifest.get("precision", "float32")))
+                                  **parity_thresholds(manifest["precision"]))
     except (ModelFileError, ProviderUnavailableError, ValueError) as exc:
         raise BadInput(str(exc)) from exc
     for case in report["cases"]:
@@ -149,19 +158,22 @@ def verify(folder, model, json_out, device):
 def _export_trt(model, out, precision, buckets, workspace_gib, timing_cache, version_compatible, verify, overwrite):
     from runtimes.trt_plan import parse_buckets
 
-    from .onnx_export import ExportError, check_checkpoint
+    from .onnx_export import ExportError, check_output_folder
     from .trt_build import EngineBuildSettings, TensorRTUnavailable, build_engine_folder, tensorrt_status
 
-    status = tensorrt_status()  # before anything is read or written
+    try:  # read-only: a refused --out is reported whether or not TensorRT is here
+        check_output_folder(model, out, overwrite)
+    except ExportError as exc:
+        raise BadInput(str(exc)) from exc
+    status = tensorrt_status()  # before anything is written
     if status:
         raise BadInput(f"--to trt: {status}")
     try:
-        check_checkpoint(Path(model))
         settings = EngineBuildSettings(precision=precision, buckets=tuple(parse_buckets(buckets)),
                                        workspace_gib=workspace_gib, timing_cache=timing_cache,
                                        version_compatible=version_compatible)
         folder = build_engine_folder(model, out, settings, overwrite=overwrite, log=_log)
-    except (ModelFileError, ExportError, TensorRTUnavailable, ValueError) as exc:
+    except (ModelFileError, ExportError, TensorRTUnavailable, ValueError, OSError) as exc:
         raise BadInput(str(exc)) from exc
     if verify:
         _verify_engine(Path(model), folder, precision)
@@ -172,8 +184,7 @@ def _verify_engine(model: Path, folder: Path, precision: str) -> None:
     from runtimes.backends.torch_backend import TorchBackend
     from runtimes.backends.trt_backend import TensorRTBackend
     from runtimes.config import load_config
-    from runtimes.export_format import MANIFEST_FILE
-    from runtimes.files import atomic_path
+    from runtimes.export_format import read_manifest, write_manifest
 
     from .onnx_export import PRECISIONS
     from .verify import compare_backends, describe_failure, parity_cases, parity_thresholds
@@ -181,12 +192,14 @@ def _verify_engine(model: Path, folder: Path, precision: str) -> None:
     _log("Verifying the engine against the PyTorch backend (fp32, cuda)")
     report = compare_backends(TorchBackend.from_folder(model, device="cuda"), TensorRTBackend(folder),
                               parity_cases(load_config(model)), log=_log, **parity_thresholds(PRECISIONS[precision]))
-    manifest_path = folder / MANIFEST_FILE
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = read_manifest(folder)
     manifest["tensorrt_parity"] = report
-    with atomic_path(manifest_path) as tmp:
-        Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_manifest(folder, manifest)
     if not report["passed"]:
         _log(describe_failure(report))
         sys.exit(EXIT_VERIFY_FAILED)
     _log(f"  max abs diff {report['max_abs_diff']:.3g}, min cosine {report['min_cosine']:.6f}: passed")
+
+
+if __name__ == "__main__":  # python -m dewey_export.cli, as the crash tests run it
+    main()

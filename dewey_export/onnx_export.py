@@ -3,24 +3,33 @@
 The graph is ``DeweyModel.forward`` traced by ``torch.onnx.export(dynamo=True)``: the backend contract
 as graph I/O, dynamic ``batch``, ``sequence`` and ``chunks`` axes, span pooling (float64 prefix sums)
 before the head. Everything is written into a staging folder beside the target and renamed into place
-at the end, so an interrupted export never leaves a half-written folder; an existing folder is replaced
-only with ``overwrite``.
+at the end (runtimes.files), so an interrupted export never leaves a half-written folder, and the next
+export into the same place removes what a killed one left. Only a previous export is ever replaced, and
+only with ``overwrite`` (``check_output_folder``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from runtimes.config import CONFIG_FILE, ModelFileError, load_config
-from runtimes.export_format import INPUTS, MANIFEST_FILE, MANIFEST_FORMAT, ONNX_FILE, OUTPUTS
-from runtimes.files import atomic_path, publish_folder
+from runtimes.export_format import (
+    INPUTS,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    ONNX_FILE,
+    OUTPUTS,
+    file_table,
+    is_export_folder,
+    sha256_file,
+    write_manifest,
+)
+from runtimes.files import clean_leftovers, staged_folder
 from runtimes.tokenization import TOKENIZER_FILE
 
 from .verify import compare_backends, parity_cases, parity_thresholds
@@ -55,14 +64,6 @@ class ExportResult:
         return self.manifest["parity"].get("passed") is not False
 
 
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def tool_versions() -> dict:
     versions = {}
     for name in ("dewey", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu"):
@@ -85,6 +86,64 @@ def check_checkpoint(checkpoint: Path) -> None:
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
+@dataclass(frozen=True)
+class GraphOptions:
+    """What the graph is made for, checked by ``graph_options``."""
+
+    target: str
+    opset: int
+    attention: str
+    global_kernel: str
+    precision: str  # fp32, fp16 or bf16
+
+
+def graph_options(target: str = "cpu", opset: int | None = None, attention: str = "linear",
+                  precision: str = "fp32") -> GraphOptions:
+    """Check the export options (ExportError names the bad one) and fill in the target's defaults."""
+    if target not in TARGETS:
+        raise ExportError(f"target {target!r} is not one of {sorted(TARGETS)}")
+    opset = TARGETS[target]["opset"] if opset is None else opset
+    if opset not in SUPPORTED_OPSETS:
+        raise ExportError(f"opset {opset} is not supported; choose one of {SUPPORTED_OPSETS}")
+    if target == "gpu" and opset < 23:
+        raise ExportError("target gpu needs opset 23: its global layers use the ONNX Attention op")
+    if attention not in ("linear", "dense"):
+        raise ExportError(f"attention must be 'linear' or 'dense', got {attention!r}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    global_kernel = TARGETS[target]["global_kernel"] if attention == "linear" else "sdpa"
+    return GraphOptions(target, opset, attention, global_kernel, precision)
+
+
+def check_output_folder(checkpoint, out, overwrite: bool) -> None:
+    """Refuse an output path whose replacement would destroy anything but a previous export.
+
+    Refused always: ``out`` is, contains or is inside the checkpoint (resolved paths, so symlinks and
+    ``..`` do not hide it); ``out`` is a file; ``out`` is a non-empty folder without a dewey manifest;
+    a path that cannot be created. A previous export is replaced only with ``overwrite``. Reads only:
+    the CLI runs it before anything else, and every exporter runs it before writing.
+    """
+    checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
+    if out == checkpoint or checkpoint in out.parents or out in checkpoint.parents:
+        relation = "is" if out == checkpoint else "is inside" if checkpoint in out.parents else "contains"
+        raise ExportError(f"--out {out} {relation} the source checkpoint {checkpoint}; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file, not a folder; remove it or choose another path")
+    if out.exists() and any(out.iterdir()):
+        if not is_export_folder(out):
+            raise ExportError(
+                f"--out {out} is a folder with files and no {MANIFEST_FILE}: not a dewey export, so it is "
+                "never replaced (not even with --overwrite); choose a new or empty folder"
+            )
+        if not overwrite:
+            raise ExportError(f"{out} already exists and is not empty; pass overwrite (--overwrite) to replace it")
+    existing = next(folder for folder in out.parents if folder.exists())
+    if not existing.is_dir():
+        raise ExportError(f"cannot write --out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write --out {out}: {existing} is not writable")
+
+
 def export_onnx(checkpoint, out, target: str = "cpu", opset: int | None = None, attention: str = "linear",
                 precision: str = "fp32", verify: bool = True, overwrite: bool = False, log=print) -> ExportResult:
     """Export ``checkpoint`` to the folder ``out``; returns the manifest (its parity report included).
@@ -96,89 +155,80 @@ def export_onnx(checkpoint, out, target: str = "cpu", opset: int | None = None, 
     typed TensorRT builds from). The gpu target pools with float32 (TensorRT has no float64).
     A failed verification still publishes the folder, its numbers in the manifest, so the failure can
     be inspected; the caller decides what to do with ``result.passed`` (the CLI exits 1).
+    ``out`` is checked by ``check_output_folder`` first; what a killed export left beside it is removed.
+    """
+    checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
+    check_checkpoint(checkpoint)
+    options = graph_options(target, opset, attention, precision)
+    # Before the check: a folder a crash left moved aside is put back, and is then again a previous
+    # export that only overwrite replaces.
+    clean_leftovers(out.parent, out.name, log=log)
+    check_output_folder(checkpoint, out, overwrite)
+    with staged_folder(out) as staging:
+        manifest = write_export(checkpoint, staging, options, verify, log)
+    log(f"Wrote {out}")
+    return ExportResult(out, manifest)
+
+
+def write_export(checkpoint: Path, folder: Path, options: GraphOptions, verify: bool, log) -> dict:
+    """Fill the empty ``folder`` with the export of ``checkpoint`` and its manifest; returns the manifest.
+
+    ``folder`` is a staging folder (runtimes.files.staged_folder): only a complete export is published.
     """
     import torch
 
+    from runtimes.attention import set_global_kernel
     from runtimes.backends.onnx_backend import OnnxBackend
     from runtimes.backends.torch_backend import TorchBackend
-    from runtimes.attention import set_global_kernel
     from runtimes.modeling import DeweyModel, reduce_precision
 
-    checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
-    check_checkpoint(checkpoint)
-    if target not in TARGETS:
-        raise ExportError(f"target {target!r} is not one of {sorted(TARGETS)}")
-    opset = TARGETS[target]["opset"] if opset is None else opset
-    if opset not in SUPPORTED_OPSETS:
-        raise ExportError(f"opset {opset} is not supported; choose one of {SUPPORTED_OPSETS}")
-    if target == "gpu" and opset < 23:
-        raise ExportError("target gpu needs opset 23: its global layers use the ONNX Attention op")
-    if attention not in ("linear", "dense"):
-        raise ExportError(f"attention must be 'linear' or 'dense', got {attention!r}")
-    global_kernel = TARGETS[target]["global_kernel"] if attention == "linear" else "sdpa"
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(f"{out} already exists and is not empty; pass overwrite (--overwrite) to replace it")
     config = load_config(checkpoint)
-
     log(f"Loading {checkpoint}")
-    model = DeweyModel.from_pretrained(checkpoint, attention=attention)
-    if attention == "linear":
-        set_global_kernel(model.backbone, global_kernel)
-    if target == "gpu":
+    model = DeweyModel.from_pretrained(checkpoint, attention=options.attention)
+    if options.attention == "linear":
+        set_global_kernel(model.backbone, options.global_kernel)
+    if options.target == "gpu":
         model.pooling = "centered_float32"
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    model = reduce_precision(model, getattr(torch, PRECISIONS[precision]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        onnx_path = staging / ONNX_FILE
-        log(f"Exporting to ONNX (target {target}, opset {opset}, {attention} attention, {precision}, "
-            f"{weight_bytes / 1e6:.1f} MB of fp32 weights)")
-        started = time.perf_counter()
-        _trace(model, onnx_path, opset, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES,
-               contrib=global_kernel == "ort_contrib" and attention == "linear")
-        export_seconds = time.perf_counter() - started
-        log(f"  exported in {export_seconds:.1f} s")
-        for name in COPIED_FILES:
-            if (checkpoint / name).is_file():
-                shutil.copy2(checkpoint / name, staging / name)
+    model = reduce_precision(model, getattr(torch, PRECISIONS[options.precision]))
+    onnx_path = folder / ONNX_FILE
+    log(f"Exporting to ONNX (target {options.target}, opset {options.opset}, {options.attention} attention, "
+        f"{options.precision}, {weight_bytes / 1e6:.1f} MB of fp32 weights)")
+    started = time.perf_counter()
+    _trace(model, onnx_path, options.opset, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES,
+           contrib=options.global_kernel == "ort_contrib")
+    export_seconds = time.perf_counter() - started
+    log(f"  exported in {export_seconds:.1f} s")
+    for name in COPIED_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copy2(checkpoint / name, folder / name)
 
-        thresholds = parity_thresholds(PRECISIONS[precision])
-        if verify and precision == "bf16":
-            reason = ("ONNX Runtime's CPU provider has no bfloat16 kernels; check this graph on a GPU with "
-                      "dewey-export verify DIR --device cuda")
-            log(f"Not verified: {reason}")
-            parity = {"skipped": reason, "thresholds": thresholds}
-        elif verify:
-            log("Verifying against the PyTorch backend (fp32)")
-            parity = compare_backends(
-                TorchBackend(DeweyModel.from_pretrained(checkpoint, attention=attention)), OnnxBackend(onnx_path),
-                parity_cases(config), log=log, **thresholds,
-            )
-            log(f"  max abs diff {parity['max_abs_diff']:.3g}, min cosine {parity['min_cosine']:.8f}: "
-                f"{'passed' if parity['passed'] else 'FAILED'}")
-        else:
-            parity = {"skipped": True, "thresholds": thresholds}
+    thresholds = parity_thresholds(PRECISIONS[options.precision])
+    if verify and options.precision == "bf16":
+        reason = ("ONNX Runtime's CPU provider has no bfloat16 kernels; check this graph on a GPU with "
+                  "dewey-export verify DIR --device cuda")
+        log(f"Not verified: {reason}")
+        parity = {"skipped": reason, "thresholds": thresholds}
+    elif verify:
+        log("Verifying against the PyTorch backend (fp32)")
+        parity = compare_backends(
+            TorchBackend(DeweyModel.from_pretrained(checkpoint, attention=options.attention)),
+            OnnxBackend(onnx_path), parity_cases(config), log=log, **thresholds,
+        )
+        log(f"  max abs diff {parity['max_abs_diff']:.3g}, min cosine {parity['min_cosine']:.8f}: "
+            f"{'passed' if parity['passed'] else 'FAILED'}")
+    else:
+        parity = {"skipped": True, "thresholds": thresholds}
 
-        attention_forms = {
-            "mode": attention,
-            "sliding_layers": "block-local, exact (W x 3W band)" if attention == "linear" else "dense masked",
-            "global_layers": ATTENTION_FORMS[(attention, global_kernel)],
-            "pooling": model.pooling,
-        }
-        manifest = build_manifest(checkpoint, staging, opset, PRECISIONS[precision], target, attention_forms,
-                                  export_seconds, parity)
-        with atomic_path(staging / MANIFEST_FILE) as tmp:
-            Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        publish_folder(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    log(f"Wrote {out}")
-    return ExportResult(out, manifest)
+    attention_forms = {
+        "mode": options.attention,
+        "sliding_layers": "block-local, exact (W x 3W band)" if options.attention == "linear" else "dense masked",
+        "global_layers": ATTENTION_FORMS[(options.attention, options.global_kernel)],
+        "pooling": model.pooling,
+    }
+    manifest = build_manifest(checkpoint, folder, options, attention_forms, export_seconds, parity)
+    write_manifest(folder, manifest)
+    return manifest
 
 
 def _trace(model, onnx_path: Path, opset: int, external_data: bool, contrib: bool) -> None:
@@ -215,10 +265,8 @@ def _trace(model, onnx_path: Path, opset: int, external_data: bool, contrib: boo
     assert not model.training, "export switched the model to train mode"
 
 
-def build_manifest(checkpoint: Path, folder: Path, opset: int, precision: str, target: str, attention: dict,
-                   export_seconds: float, parity: dict) -> dict:
-    onnx_path = folder / ONNX_FILE
-    external = sorted(p.name for p in folder.iterdir() if p.name.startswith(ONNX_FILE + "."))
+def build_manifest(checkpoint: Path, folder: Path, options: GraphOptions, attention: dict, export_seconds: float,
+                   parity: dict) -> dict:
     return {
         "format": MANIFEST_FORMAT,
         "source": {
@@ -227,15 +275,13 @@ def build_manifest(checkpoint: Path, folder: Path, opset: int, precision: str, t
         },
         "onnx": {
             "file": ONNX_FILE,
-            "bytes": onnx_path.stat().st_size,
-            "sha256": sha256_file(onnx_path),
-            "external_data": {name: sha256_file(folder / name) for name in external},
-            "opset": opset,
+            "opset": options.opset,
             "inputs": {name: {"type": t, "axes": axes} for name, (t, axes) in INPUTS.items()},
             "outputs": {name: {"type": t, "axes": axes} for name, (t, axes) in OUTPUTS.items()},
         },
-        "precision": precision,
-        "target": target,
+        "files": file_table(folder),
+        "precision": PRECISIONS[options.precision],
+        "target": options.target,
         "attention": attention,
         "export_seconds": round(export_seconds, 2),
         "tools": tool_versions(),

@@ -5,21 +5,21 @@ which is plain Python and unit-tested without a GPU; this module only applies it
 API: Builder -> network (strongly typed on 11) -> OnnxParser -> builder config (workspace, flags,
 optimization profiles, timing cache) -> build_serialized_network. The output folder holds the gpu-target
 ONNX export (``model.onnx``, manifest, tokenizer, config) and, beside it, ``model.plan`` with
-``engine.json``. It is staged and renamed into place, so a failed build never leaves half a folder.
+``engine.json``, all of them in the manifest's ``files`` table. It is staged and renamed into place
+(runtimes.files), so a failed or killed build never leaves half a folder, and only a previous export is
+replaced (``onnx_export.check_output_folder``).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from runtimes.config import load_config
-from runtimes.export_format import ONNX_FILE
-from runtimes.files import atomic_path
+from runtimes.export_format import ONNX_FILE, file_table, sha256_file, write_manifest
+from runtimes.files import atomic_path, clean_leftovers, staged_folder
 from runtimes.trt_plan import (
     DEFAULT_BUCKETS,
     ENGINE_FILE,
@@ -29,7 +29,7 @@ from runtimes.trt_plan import (
     precision_plan,
 )
 
-from .onnx_export import ExportError, export_onnx, publish_folder, sha256_file
+from .onnx_export import check_checkpoint, check_output_folder, graph_options, write_export
 
 DEFAULT_WORKSPACE_GIB = 8.0
 # ONNX element type the graph must carry -> export_onnx's precision name.
@@ -44,7 +44,7 @@ def tensorrt_status() -> str | None:
     """None when TensorRT can build here; otherwise what is missing and how to install it.
 
     ``import tensorrt`` working proves nothing about a GPU: ``tensorrt.Builder`` raises without a CUDA
-    driver (FACTS.md), so the builder is created once to find out.
+    driver, so the builder is created once to find out.
     """
     try:
         import tensorrt as trt
@@ -93,20 +93,22 @@ def build_engine_folder(checkpoint, out, settings: EngineBuildSettings, overwrit
     status = tensorrt_status()
     if status:
         raise TensorRTUnavailable(status)
+    checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
+    check_checkpoint(checkpoint)
+    # Before the check: a folder a crash left moved aside is put back, and is then again a previous
+    # export that only overwrite replaces.
+    clean_leftovers(out.parent, out.name, log=log)
+    check_output_folder(checkpoint, out, overwrite)
     import tensorrt as trt
 
-    checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(f"{out} already exists and is not empty; pass overwrite (--overwrite) to replace it")
     config = load_config(checkpoint)
     plan = precision_plan(settings.precision, trt.__version__)
     profiles = plan_profiles(settings.buckets, config.max_position_embeddings, settings.token_budget)
     gpu_name, capability = gpu_identity()
+    options = graph_options("gpu", precision=_EXPORT_PRECISION[plan.onnx_precision])
 
-    staging = out.parent / f".{out.name}.trt-{uuid.uuid4().hex[:8]}"
-    try:
-        export_onnx(checkpoint, staging, target="gpu", precision=_EXPORT_PRECISION[plan.onnx_precision],
-                    verify=False, log=log)
+    with staged_folder(out) as staging:
+        manifest = write_export(checkpoint, staging, options, verify=False, log=log)
         log(f"Building a TensorRT {trt.__version__} {settings.precision} engine on {gpu_name} "
             f"({len(profiles)} profiles: {', '.join(p.describe() for p in profiles)})")
         started = time.perf_counter()
@@ -120,10 +122,8 @@ def build_engine_folder(checkpoint, out, settings: EngineBuildSettings, overwrit
             precision=settings.precision, profiles=profiles, onnx_sha256=sha256_file(staging / ONNX_FILE),
             version_compatible=settings.version_compatible, created_by=_dewey_version(),
         ).write(staging)
-        publish_folder(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        manifest["files"] = file_table(staging)  # now with the engine and its metadata
+        write_manifest(staging, manifest)
     log(f"Wrote {out}")
     return out
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 # fp32 thresholds on the un-normalised vectors (issue 3): an fp32 graph that computes the same function
-# differs from PyTorch only by kernel rounding, ~1e-6 in FACTS.md; 1e-4 leaves room for other CPUs
-# and ORT graph fusions while catching any real error (a changed weight moves vectors by far more).
+# differs from PyTorch only by kernel rounding (~1e-6 on the tiny test model); 1e-4 leaves room for other
+# CPUs and ORT graph fusions while catching any real error (a changed weight moves vectors by far more).
 FP32_MAX_ABS_DIFF = 1e-4
 FP32_MIN_COSINE = 0.99999
 

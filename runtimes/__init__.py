@@ -18,7 +18,9 @@ from pathlib import Path
 from .backends import available_backends, get_backend_class
 from .config import DeweyConfig, ModelFileError, load_config
 from .encoder import ChunkedDocument, Encoder, TruncationWarning
+from .export_format import MANIFEST_FILE, check_export_files
 from .tokenization import DeweyTokenizer
+from .validation import require_bool
 
 # The packaged default model, dewey-mini (recipes/dewey-mini.toml): used when no model is given.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "dewey-mini"
@@ -46,7 +48,7 @@ def default_model_path() -> Path:
 
 
 def load(path: str | Path | None = None, backend: str = "torch", device=None, dtype=None,
-         **backend_options) -> Encoder:
+         verify_files: bool = True, **backend_options) -> Encoder:
     """Load a Dewey model folder into an Encoder running on ``backend``.
 
     ``path`` None: the packaged default model, dewey-mini (a checkpoint folder: torch backend; export it
@@ -58,11 +60,19 @@ def load(path: str | Path | None = None, backend: str = "torch", device=None, dt
     ``cuda[:N]`` or ``tensorrt[:N]`` (ONNX Runtime execution providers); options ``providers``,
     ``intra_op_num_threads``, ``session_options``, ``tensorrt_options``.
     backend ``trt``: a ``dewey-export --to trt`` folder; device ``cuda[:N]``.
+
+    An export folder's files are compared with its manifest before any of them is read: each listed file
+    must have its recorded size and sha256, or ModelFileError names it. Hashing reads every file once
+    (about 600 MB/s on a 2-core machine); ``verify_files=False`` keeps only the size check, for hot
+    reloads of a folder already checked.
     """
+    verify_files = require_bool("verify_files", verify_files)
     path = default_model_path() if path is None else Path(path)
     if not path.is_dir():
         raise ModelFileError(f"{path} is not a folder (expected a Dewey checkpoint or export folder)")
     backend_class = get_backend_class(backend)
+    if (path / MANIFEST_FILE).exists():
+        check_export_files(path, hashes=verify_files)
     config = load_config(path)
     tokenizer = DeweyTokenizer.from_folder(path, config)
     engine = backend_class.from_folder(path, config=config, device=device, dtype=dtype, **backend_options)

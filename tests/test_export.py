@@ -18,7 +18,7 @@ from dewey_export import onnx_export as exporter  # noqa: E402
 from dewey_export.cli import main  # noqa: E402
 from dewey_export.verify import FP32_MAX_ABS_DIFF, FP32_MIN_COSINE  # noqa: E402
 from runtimes.backends.onnx_backend import OnnxBackend, available_cpus  # noqa: E402
-from runtimes.export_format import MANIFEST_FILE, ONNX_FILE  # noqa: E402
+from runtimes.export_format import MANIFEST_FILE, ONNX_FILE, file_table, sha256_file, write_manifest  # noqa: E402
 
 from test_no_torch import run_without_torch  # noqa: E402
 
@@ -36,12 +36,14 @@ def test_export_passes_verification_and_records_it(onnx_export, checkpoint):
     assert {"batch1_len16", "batch1_len128", "batch1_len300"} <= set(names)
     assert any(name.startswith("padded_batch") for name in names)
     assert manifest["onnx"]["opset"] == 18 and manifest["precision"] == "float32"
-    assert manifest["source"]["sha256"]["model.safetensors"] == exporter.sha256_file(checkpoint / "model.safetensors")
-    assert manifest["onnx"]["bytes"] == (onnx_export / ONNX_FILE).stat().st_size
+    assert manifest["source"]["sha256"]["model.safetensors"] == sha256_file(checkpoint / "model.safetensors")
+    assert manifest["files"][ONNX_FILE] == {"bytes": (onnx_export / ONNX_FILE).stat().st_size,
+                                            "sha256": sha256_file(onnx_export / ONNX_FILE)}
+    assert set(manifest["files"]) == {p.name for p in onnx_export.iterdir()} - {MANIFEST_FILE}
     assert {"torch", "onnxruntime", "onnx"} <= set(manifest["tools"])
     for name in ("config.json", "tokenizer.json", ONNX_FILE):
         assert (onnx_export / name).is_file()
-    assert not list(onnx_export.parent.glob(".*partial*")), "staging folder left behind"
+    assert not list(onnx_export.parent.glob(".*")), "staging folder left behind"
 
 
 def test_graph_io_has_dynamic_batch_sequence_and_chunks(onnx_export):
@@ -58,7 +60,8 @@ def test_graph_io_has_dynamic_batch_sequence_and_chunks(onnx_export):
 
 
 def test_corrupted_graph_fails_verification(onnx_export, checkpoint, tmp_path):
-    """A weight changed after export must be caught by `dewey-export verify` (exit 1)."""
+    """A weight changed after export must be caught by `dewey-export verify` (exit 1): by its sha256, and
+    by parity when the manifest's table is re-recorded to match (a graph that was wrong at export)."""
     folder = Path(shutil.copytree(onnx_export, tmp_path / "corrupt"))
     model = onnx.load(str(folder / ONNX_FILE))
     weights = [init for init in model.graph.initializer if init.data_type == onnx.TensorProto.FLOAT
@@ -69,6 +72,13 @@ def test_corrupted_graph_fails_verification(onnx_export, checkpoint, tmp_path):
     target.CopyFrom(onnx.numpy_helper.from_array(array, target.name))
     onnx.save(model, str(folder / ONNX_FILE))
 
+    result = CliRunner().invoke(main, ["verify", str(folder), "--model", str(checkpoint)])
+    assert result.exit_code == 1, result.output
+    assert "model.onnx: sha256 differs" in result.output
+
+    manifest = manifest_of(folder)
+    manifest["files"] = file_table(folder)
+    write_manifest(folder, manifest)
     result = CliRunner().invoke(main, ["verify", str(folder), "--model", str(checkpoint)])
     assert result.exit_code == 1, result.output
     assert "parity check failed" in result.output
@@ -282,6 +292,6 @@ def test_weights_over_the_threshold_go_to_external_data(checkpoint, tmp_path, mo
     result = exporter.export_onnx(checkpoint, tmp_path / "ext", log=lambda m: None)
     data = result.folder / (ONNX_FILE + ".data")
     assert data.is_file() and data.stat().st_size >= 0.9 * (checkpoint / "model.safetensors").stat().st_size
-    assert result.manifest["onnx"]["external_data"] == {data.name: exporter.sha256_file(data)}
+    assert result.manifest["files"][data.name] == {"bytes": data.stat().st_size, "sha256": sha256_file(data)}
     assert result.passed
     assert runtimes.load(result.folder, backend="onnx").encode(["external weights"]).shape == (1, 48)
