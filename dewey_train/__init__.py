@@ -4,7 +4,8 @@
 - ``examples``: pieces, seeded training chunks (from ``runtimes.chunking``) and teacher targets;
 - ``teacher``: a sentence-transformers teacher behind an SQLite vector cache;
 - ``losses``: cosine and similarity-matrix losses; ``trainer``: the loop, DDP, checkpoints, resume;
-- ``evaluate`` and ``tasks``: teacher agreement, long-document retrieval, passkey / needle tasks;
+- ``evaluation``: teacher agreement, metrics, long-document retrieval, passkey / needle tasks and
+  their markdown report (``dewey-train eval``);
 - ``cli``: ``dewey-train``; ``package``: copy a trained model into the package as the default model.
 
 It imports ``runtimes`` for the model definition, the chunkers and span pooling; ``runtimes`` never

@@ -108,7 +108,7 @@ def resume(out_dir, epochs, max_steps, device):
 def evaluate_command(model_path, config_path, data, teacher, out_json, queries, synthetic_docs, max_synthetic_length,
                      seed, pairs):
     """Teacher agreement, long-document retrieval and passkey/needle tasks on held-out data."""
-    from .evaluate import evaluate, format_report
+    from .evaluation import evaluate, format_report
 
     try:
         cfg = load_config(config_path, _overrides(pairs, data=list(data) or None, teacher=teacher))

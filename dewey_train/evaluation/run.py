@@ -3,11 +3,11 @@
 1. **Teacher agreement**: held-out documents chunked as in training; mean cosine of the student's CLS
    against the whole-text target, and of its chunk vectors (from one pass over the whole text) against
    each chunk embedded alone by the teacher.
-2. **Long-document retrieval** (``tasks.long_document_retrieval``): queries are sentences of held-out
+2. **Long-document retrieval** (``retrieval.long_document_retrieval``): queries are sentences of held-out
    documents of 1k-16k student tokens; every held-out document is a candidate; student single vector
    (``mean``), student multi-vector (max over 256/64 chunks), the teacher on the text cut to its
    window, and the teacher on the same chunks embedded one by one.
-3. **Synthetic passkey and needle tasks** (``tasks.synthetic_eval``): accuracy by document length.
+3. **Synthetic passkey and needle tasks** (``synthetic.synthetic_eval``): accuracy by document length.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import TrainConfig
-from .data import corpus_stats, split_documents
-from .tasks import DEFAULT_LENGTHS, format_table, long_document_retrieval, student_token_counter, synthetic_eval
+from ..config import TrainConfig
+from ..data import corpus_stats, split_documents
+from .retrieval import long_document_retrieval, student_token_counter
+from .synthetic import DEFAULT_LENGTHS, synthetic_eval
 
 RETRIEVAL_MIN_TOKENS = 1024
 RETRIEVAL_MAX_TOKENS = 16384
@@ -35,8 +36,8 @@ def teacher_agreement(model_folder: Path, cfg: TrainConfig, teacher, documents: 
     from runtimes.modeling import DeweyModel
     from runtimes.tokenization import DeweyTokenizer
 
-    from .examples import ExampleBuilder, attach_targets, split_into_pieces
-    from .trainer import make_batch
+    from ..examples import ExampleBuilder, attach_targets, split_into_pieces
+    from ..trainer import make_batch
 
     model = DeweyModel.from_pretrained(model_folder)
     if model.vector_size != teacher.dim:
@@ -61,9 +62,14 @@ def teacher_agreement(model_folder: Path, cfg: TrainConfig, teacher, documents: 
 
 def evaluate(model_path: str | Path, cfg: TrainConfig, n_queries: int = 200, synthetic_docs: int = 20,
              max_synthetic_length: int = 32768, seed: int = 0, log=None) -> dict:
+    """All three evaluations of the student at ``model_path`` on the held-out part of ``cfg.data``.
+
+    Returns ``{"model", "teacher", "heldout", "agreement", "retrieval", "synthetic", "eval_seconds"}``;
+    a section that cannot run holds ``{"skipped": reason}``. ``format_report`` renders it.
+    """
     from runtimes import load
 
-    from .teacher import Teacher
+    from ..teacher import Teacher
 
     log = log or (lambda message: print(message, flush=True))
     model_path = Path(model_path)
@@ -95,25 +101,3 @@ def evaluate(model_path: str | Path, cfg: TrainConfig, n_queries: int = 200, syn
     results["synthetic"] = synthetic_eval(student, teacher, lengths=lengths, n_docs=synthetic_docs, seed=seed)
     results["eval_seconds"] = round(time.time() - started, 1)
     return results
-
-
-def format_report(results: dict) -> str:
-    lines = [f"# Evaluation of {results['model']} (teacher {results['teacher']})", ""]
-    held = results["heldout"]
-    lines.append(f"Held-out data: {held['documents']} documents, {held.get('tokens', '?')} tokens "
-                 f"(corpus {held['sha256']}, Python {held['python']})")
-    agreement = results["agreement"]
-    lines.append("")
-    if "skipped" in agreement:
-        lines.append(f"Teacher agreement: skipped ({agreement['skipped']})")
-    else:
-        lines.append(f"Teacher agreement over {agreement['documents']} documents / {agreement['chunks']} chunks: "
-                     f"CLS cosine {agreement['cls_cosine']:.4f}, chunk cosine {agreement['chunk_cosine']:.4f}")
-    lines.append("")
-    tables = {k: results[k] for k in ("retrieval", "synthetic") if "skipped" not in results[k]}
-    if tables:
-        lines.append(format_table(tables))
-    for key in ("retrieval", "synthetic"):
-        if "skipped" in results[key]:
-            lines.append(f"{key}: skipped ({results[key]['skipped']})")
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Evaluation tasks of ``dewey_train.tasks``: metrics, query sampling, synthetic documents, end to end.
+"""``dewey_train.evaluation``: metrics, query sampling, synthetic documents, end to end.
 
 The end-to-end checks run a tiny random student (its vectors mean nothing, so only ranges are checked
 for it) beside a fake teacher: a hashed bag of words that sees only its first ``max_tokens`` words. That
@@ -15,19 +15,20 @@ import zlib
 import numpy as np
 import pytest
 
-from dewey_train.tasks import (
+from dewey_train.evaluation.metrics import ndcg_at_k, recall_at_k
+from dewey_train.evaluation.report import format_table
+from dewey_train.evaluation.retrieval import (
     METHODS,
-    evaluate_synthetic_task,
-    format_table,
     long_document_retrieval,
-    make_needle_task,
-    make_passkey_task,
-    ndcg_at_k,
-    recall_at_k,
     sample_sentence_queries,
     split_sentences,
-    stdlib_prose,
     student_token_counter,
+)
+from dewey_train.evaluation.synthetic import (
+    evaluate_synthetic_task,
+    make_needle_task,
+    make_passkey_task,
+    stdlib_prose,
     synthetic_eval,
 )
 
