@@ -3,6 +3,7 @@
 A checkpoint's ``config.json`` is a ModernBERT config (what ``transformers`` reads to build the
 backbone) plus the Dewey fields below. The runtime needs only these few values, so it reads them here
 without importing transformers: the ONNX Runtime path must work where transformers is not installed.
+``check_backbone_fields`` checks the ModernBERT structure values, for the PyTorch model builder only.
 """
 
 from __future__ import annotations
@@ -11,11 +12,20 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .validation import require_int, require_positive_real
+
 CONFIG_FILE = "config.json"
 
 SINGLE_VECTOR_TYPES = ("cls", "mean", "cls_add_mean")
+# ModernBERT's two attention layer kinds (transformers' layer_types).
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# ModernBERT sizes that must be positive integers to build a backbone at all.
+_BACKBONE_SIZES = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+    "max_position_embeddings",
+)
 
-# The instruction prompts of dewey_en_beta (DEWEY.md); prepended to the text with no separator.
+# The instruction prompts published with dewey_en_beta; prepended to the text with no separator.
 DEWEY_INSTRUCTION_TOKENS = ("<|START_INSTRUCTION|>", "<|END_INSTRUCTION|>")
 DEWEY_PROMPTS = {
     "query": "<|START_INSTRUCTION|>Answer the question<|END_INSTRUCTION|>",
@@ -44,18 +54,13 @@ class DeweyConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "DeweyConfig":
-        def need(key: str):
+        def need(key: str, minimum: int) -> int:
             if key not in raw:
                 raise ModelFileError(f"{source}: required key {key!r} is missing")
-            value = raw[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ModelFileError(f"{source}: {key!r} must be a non-negative integer, got {value!r}")
-            return value
+            return _checked(source, require_int, key, raw[key], minimum)
 
-        hidden = need("hidden_size")
-        vector_size = raw.get("vector_size", hidden)
-        if not isinstance(vector_size, int) or vector_size <= 0:
-            raise ModelFileError(f"{source}: 'vector_size' must be a positive integer, got {vector_size!r}")
+        hidden = need("hidden_size", 1)
+        vector_size = _checked(source, require_int, "vector_size", raw.get("vector_size", hidden), 1)
         single = raw.get("single_vector_type", "cls_add_mean")
         if single not in SINGLE_VECTOR_TYPES:
             raise ModelFileError(
@@ -66,17 +71,20 @@ class DeweyConfig:
             isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()
         ):
             raise ModelFileError(f"{source}: 'prompts' must map prompt names to strings")
+        instruction_tokens = raw.get("instruction_tokens") or []
+        if not isinstance(instruction_tokens, list) or not all(isinstance(t, str) for t in instruction_tokens):
+            raise ModelFileError(f"{source}: 'instruction_tokens' must be a list of strings")
         config = cls(
             hidden_size=hidden,
             vector_size=vector_size,
-            max_position_embeddings=need("max_position_embeddings"),
-            vocab_size=need("vocab_size"),
-            cls_token_id=need("cls_token_id"),
-            sep_token_id=need("sep_token_id"),
-            pad_token_id=need("pad_token_id"),
+            max_position_embeddings=need("max_position_embeddings", 1),
+            vocab_size=need("vocab_size", 1),
+            cls_token_id=need("cls_token_id", 0),
+            sep_token_id=need("sep_token_id", 0),
+            pad_token_id=need("pad_token_id", 0),
             single_vector_type=single,
             prompts=dict(prompts),
-            instruction_tokens=tuple(raw.get("instruction_tokens") or ()),
+            instruction_tokens=tuple(instruction_tokens),
         )
         for key in ("cls_token_id", "sep_token_id", "pad_token_id"):
             if getattr(config, key) >= config.vocab_size:
@@ -84,6 +92,72 @@ class DeweyConfig:
                     f"{source}: {key} {getattr(config, key)} is outside the vocabulary (size {config.vocab_size})"
                 )
         return config
+
+
+def check_backbone_fields(raw: dict, source: str = "config") -> None:
+    """Refuse ModernBERT structure values that cannot build a model, naming the file and the key.
+
+    transformers checks few of them, and an impossible one fails deep inside the model builder
+    (``num_attention_heads: 0`` is a ZeroDivisionError) or, worse, builds a model that runs
+    (``local_attention: 7`` silently gives a window of 3 on each side). Absent keys take transformers'
+    defaults, which are valid. Only the PyTorch builder needs these: an exported graph fixes them.
+    """
+    def present(key: str) -> bool:
+        return raw.get(key) is not None
+
+    for key in _BACKBONE_SIZES:
+        if present(key):
+            _checked(source, require_int, key, raw[key], 1)
+    if present("hidden_size") and present("num_attention_heads") and raw["hidden_size"] % raw["num_attention_heads"]:
+        raise ModelFileError(
+            f"{source}: hidden_size {raw['hidden_size']} is not divisible by num_attention_heads "
+            f"{raw['num_attention_heads']}"
+        )
+    if present("local_attention"):
+        window = _checked(source, require_int, "local_attention", raw["local_attention"], 2)
+        if window % 2:
+            # ModernBERT attends local_attention // 2 tokens to each side: an odd size is not a window.
+            raise ModelFileError(f"{source}: local_attention must be even (the window on both sides), got {window}")
+    if present("global_attn_every_n_layers"):
+        _checked(source, require_int, "global_attn_every_n_layers", raw["global_attn_every_n_layers"], 1)
+    if present("layer_types"):
+        _check_layer_types(raw, source)
+    for key, value in _backbone_reals(raw, source):
+        _checked(source, require_positive_real, key, value)
+
+
+def _check_layer_types(raw: dict, source: str) -> None:
+    layer_types = raw["layer_types"]
+    layers = raw.get("num_hidden_layers")
+    if not isinstance(layer_types, list) or any(t not in LAYER_TYPES for t in layer_types):
+        raise ModelFileError(f"{source}: layer_types must be a list of {LAYER_TYPES}, got {layer_types!r}")
+    if layers is not None and len(layer_types) != layers:
+        raise ModelFileError(
+            f"{source}: layer_types has {len(layer_types)} entries for num_hidden_layers {layers}"
+        )
+
+
+def _backbone_reals(raw: dict, source: str):
+    """(key, value) of every positive real the backbone reads: the norm epsilon and the rope thetas,
+    in the old flat keys and in transformers 5's rope_parameters."""
+    for key in ("norm_eps", "global_rope_theta", "local_rope_theta"):
+        if raw.get(key) is not None:
+            yield key, raw[key]
+    rope = raw.get("rope_parameters")
+    if rope is not None and not isinstance(rope, dict):
+        raise ModelFileError(f"{source}: rope_parameters must map layer types to their settings, got {rope!r}")
+    for layer_type, params in (rope or {}).items():
+        if isinstance(params, dict) and "rope_theta" in params:
+            yield f"rope_parameters.{layer_type}.rope_theta", params["rope_theta"]
+
+
+def _checked(source: str, check, key: str, value, *limits):
+    """Run a runtimes.validation check on a config value; its TypeError or ValueError becomes a
+    ModelFileError that names the file (the check's message already names the key)."""
+    try:
+        return check(key, value, *limits)
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"{source}: {exc}") from None
 
 
 def read_config_dict(folder: str | Path) -> dict:

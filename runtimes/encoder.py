@@ -19,7 +19,7 @@ from .chunking import (
 )
 from .config import SINGLE_VECTOR_TYPES, DeweyConfig
 from .tokenization import DeweyTokenizer, TextTokens, check_texts
-from .validation import require_int
+from .validation import require_bool, require_int
 
 # Progress bars appear by themselves from this many batches on, when stderr is a terminal.
 AUTO_PROGRESS_MIN_BATCHES = 8
@@ -42,6 +42,15 @@ class ChunkedDocument:
     char_spans: list[tuple[int, int]]
     texts: list[str]
     truncated_tokens: int = 0
+
+
+def check_flags(normalize, truncate, show_progress) -> tuple[bool, bool, bool | None]:
+    """The switches of encode and encode_chunks, each a bool (show_progress may be None: automatic)."""
+    return (
+        require_bool("normalize", normalize),
+        require_bool("truncate", truncate),
+        require_bool("show_progress", show_progress, allow_none=True),
+    )
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -79,6 +88,10 @@ class Encoder:
     ) -> np.ndarray:
         """One vector per text: float32 [N, D] (or [D] for a single string), in input order.
 
+        texts: a string, or a sequence of strings (list, tuple, 1-d numpy array); a dict, a set or an
+        iterator raises TypeError (no order to match the vectors to), and an empty text or one holding
+        a lone surrogate raises ValueError naming its index. normalize, truncate: True or False;
+        show_progress: True, False or None (automatic).
         mode: ``cls``, ``mean`` (text tokens only) or ``cls_add_mean`` =
         normalize(normalize(cls) + normalize(mean)); default: the model's ``single_vector_type``.
         prompt: a prompt name of the model (``query``, ``passage``), a literal string, or None.
@@ -88,6 +101,7 @@ class Encoder:
         mode = self.config.single_vector_type if mode is None else mode
         if mode not in SINGLE_VECTOR_TYPES:
             raise ValueError(f"mode must be one of {SINGLE_VECTOR_TYPES}, got {mode!r}")
+        normalize, truncate, show_progress = check_flags(normalize, truncate, show_progress)
         texts, single = check_texts(texts)
         if not texts:
             return np.zeros((0, self.vector_size), dtype=np.float32)
@@ -127,10 +141,12 @@ class Encoder:
     ) -> list[ChunkedDocument] | ChunkedDocument:
         """Late chunking: one pass over each whole text, one vector per chunk (the mean of its tokens).
 
-        chunk_size and chunk_overlap count tokens of the model's tokenizer; splitter is ``tokens``
-        (fixed windows on token ids), ``words`` (windows ending at word boundaries) or ``recursive`` (paragraph, line, sentence, word boundaries).
+        texts and the switches as for ``encode``. chunk_size and chunk_overlap count tokens of the
+        model's tokenizer; splitter is ``tokens`` (fixed windows on token ids), ``words`` (windows
+        ending at word boundaries) or ``recursive`` (paragraph, line, sentence, word boundaries).
         """
         check_chunk_args(chunk_size, chunk_overlap, splitter)
+        normalize, truncate, show_progress = check_flags(normalize, truncate, show_progress)
         texts, single = check_texts(texts)
         if not texts:
             return []

@@ -9,7 +9,8 @@ concatenated string.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS_PER_ROW = 2
 # Prompt names users pass by name; never taken as literal prompt text.
 STANDARD_PROMPT_NAMES = ("query", "passage")
+# Sequences of bytes, not of strings: refused as texts rather than embedded item by item.
+_BINARY_TYPES = (bytes, bytearray, memoryview)
 
 
 @dataclass(frozen=True)
@@ -33,24 +36,66 @@ class TextTokens:
 
 
 def check_texts(texts) -> tuple[list[str], bool]:
-    """Validate user input; return the texts as a list and whether a single string was given."""
+    """Validate user input; return the texts as a list and whether a single string was given.
+
+    Only a string or an ordered, re-readable sequence is taken: results are matched to the input by
+    position. A dict iterates its keys, a set in hash order and a generator is used up once, so
+    accepting them would embed the wrong strings, or the right ones in an order the caller cannot know.
+    """
     if isinstance(texts, str):
         texts, single = [texts], True
-    elif texts is None or isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Iterable):
-        raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
-    else:
+    elif isinstance(texts, np.ndarray):
+        if texts.ndim != 1:
+            raise TypeError(f"texts must be a 1-d array of strings, got a {texts.ndim}-d array")
+        texts, single = texts.tolist(), False
+    elif isinstance(texts, Sequence) and not isinstance(texts, _BINARY_TYPES):
         texts, single = list(texts), False
+    else:
+        raise TypeError(
+            f"texts must be a string or a sequence of strings (list, tuple, 1-d numpy array), got "
+            f"{type(texts).__name__}{_unordered_hint(texts)}"
+        )
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
         if not text.strip():
             raise ValueError(f"texts[{i}] is empty or only whitespace: there is nothing to embed")
+        check_encodable(f"texts[{i}]", text)
     return texts, single
+
+
+def _unordered_hint(texts) -> str:
+    """Why an iterable that is not a sequence is refused, and what to pass instead."""
+    if isinstance(texts, Mapping):
+        return ": a mapping would embed its keys; pass list(texts.values()) or list(texts.keys())"
+    if isinstance(texts, AbstractSet):
+        return ": a set has no order to match the vectors to; pass sorted(texts) or a list"
+    if isinstance(texts, _BINARY_TYPES):
+        return ": decode it to str first"
+    if isinstance(texts, Iterable):
+        return ": pass list(texts)"
+    return ""
+
+
+def check_encodable(name: str, text: str) -> None:
+    """Raise ValueError naming ``name`` and the position of a surrogate code point in ``text``.
+
+    A Python str can hold surrogates (``errors="surrogateescape"`` decoding, a JSON "\\ud800" escape);
+    they are halves of UTF-16 pairs, not characters, and the tokenizer refuses the whole batch with a
+    TypeError that names neither the text nor the position. UTF-8 encoding finds the first one in C.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{name} has a lone surrogate {text[exc.start]!r} at character {exc.start}, which is not "
+            "valid Unicode: decode the source with errors='replace' or fix the string"
+        ) from None
 
 
 def read_tokenizer_file(path: str | Path):
     """A ``tokenizers.Tokenizer`` from a ``tokenizer.json``, its saved truncation and padding switched off
-    (tokenizers obeys them silently: all-MiniLM-L6-v2's file cuts every text to 128 tokens, FACTS.md)."""
+    (tokenizers obeys them silently: all-MiniLM-L6-v2's file cuts every text to 128 tokens)."""
     from tokenizers import Tokenizer
 
     path = Path(path)
@@ -70,7 +115,7 @@ class DeweyTokenizer:
 
     def __init__(self, tokenizer, config: DeweyConfig):
         # tokenizer.json may carry truncation and padding settings that tokenizers obeys silently
-        # (FACTS.md: all-MiniLM-L6-v2's file cuts every text to 128 tokens): switch both off.
+        # (all-MiniLM-L6-v2's file cuts every text to 128 tokens): switch both off.
         tokenizer.no_truncation()
         tokenizer.no_padding()
         if tokenizer.get_vocab_size(with_added_tokens=True) > config.vocab_size:
@@ -103,6 +148,7 @@ class DeweyTokenizer:
                 f"this model's config.json defines no prompt named {prompt!r} "
                 f"(it has: {sorted(self.config.prompts) or 'none'}); pass the prompt text itself"
             )
+        check_encodable("prompt", prompt)
         return prompt
 
     def prompt_ids(self, prompt: str | None) -> np.ndarray:

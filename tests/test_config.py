@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -154,3 +155,118 @@ def test_test_checkpoints_are_deterministic(tmp_path, checkpoint):
     assert (again / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
     assert (other / "model.safetensors").read_bytes() != (checkpoint / "model.safetensors").read_bytes()
     assert load_config(again) == load_config(checkpoint)
+
+
+# -- impossible checkpoints: ModelFileError naming the file and the key --------------------------------
+
+
+@pytest.fixture
+def broken(checkpoint, tmp_path):
+    """A private copy of the test checkpoint to break."""
+    return Path(shutil.copytree(checkpoint, tmp_path / "ck"))
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_attention_heads": 0}, r"num_attention_heads must be >= 1, got 0"),
+        ({"num_attention_heads": True}, r"num_attention_heads must be an integer, got bool"),
+        ({"num_hidden_layers": -1}, r"num_hidden_layers must be >= 1, got -1"),
+        ({"num_hidden_layers": 0}, r"num_hidden_layers must be >= 1, got 0"),
+        ({"intermediate_size": 0}, r"intermediate_size must be >= 1, got 0"),
+        ({"hidden_size": 33}, r"hidden_size 33 is not divisible by num_attention_heads 2"),
+        ({"hidden_size": 32.0}, r"hidden_size must be an integer, got float"),
+        ({"norm_eps": "x"}, r"norm_eps must be a number, got str 'x'"),
+        ({"norm_eps": -1e-5}, r"norm_eps must be a finite number > 0"),
+        ({"norm_eps": float("nan")}, r"norm_eps must be a finite number > 0, got nan"),
+        ({"global_rope_theta": 0}, r"global_rope_theta must be a finite number > 0"),
+        ({"rope_parameters": {"full_attention": {"rope_theta": -1.0}}},
+         r"rope_parameters\.full_attention\.rope_theta must be a finite number > 0"),
+        ({"global_attn_every_n_layers": 0}, r"global_attn_every_n_layers must be >= 1, got 0"),
+        ({"global_attn_every_n_layers": -2}, r"global_attn_every_n_layers must be >= 1, got -2"),
+        ({"local_attention": 0}, r"local_attention must be >= 2, got 0"),
+        ({"local_attention": -4}, r"local_attention must be >= 2, got -4"),
+        ({"local_attention": 7}, r"local_attention must be even .*got 7"),
+        ({"layer_types": ["full_attention"]}, r"layer_types has 1 entries for num_hidden_layers 3"),
+        ({"layer_types": ["full_attention", "global", "sliding_attention"]}, r"layer_types must be a list of"),
+        ({"hidden_activation": 3}, r"Validation error for field 'hidden_activation'"),  # transformers' check
+        ({"hidden_activation": "bogus"}, r"hidden_activation 'bogus' is not an activation transformers knows"),
+        ({"instruction_tokens": "<|START_INSTRUCTION|>"}, r"'instruction_tokens' must be a list of strings"),
+        ({"max_position_embeddings": 0}, r"max_position_embeddings must be >= 1, got 0"),
+    ],
+)
+def test_impossible_config_values_are_named(broken, change, message):
+    """Each impossible value raises ModelFileError naming config.json and the key at load, instead of
+    a ZeroDivisionError deep in transformers or a model that loads and silently computes otherwise."""
+    _edit_config(broken, **change)
+    with pytest.raises(ModelFileError, match=rf"ck/config\.json: {message}"):
+        load(broken)
+
+
+def test_structure_check_accepts_the_published_config(dewey_raw):
+    """check_backbone_fields (plain Python, in runtimes.config) passes dewey_en_beta's values and names
+    the source it is given."""
+    from runtimes.config import check_backbone_fields
+
+    check_backbone_fields(dewey_raw, "published")
+    with pytest.raises(ModelFileError, match=r"published: num_attention_heads must be >= 1"):
+        check_backbone_fields({**dewey_raw, "num_attention_heads": 0}, "published")
+
+
+def _rewrite_weight(folder: Path, key: str, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    state = load_file(str(path))
+    state[key] = change(state[key])
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def _poison(value):
+    def change(tensor):
+        tensor = tensor.clone()
+        tensor.view(-1)[tensor.numel() // 2] = value
+        return tensor
+    return change
+
+
+@pytest.mark.parametrize(
+    "key, change, message",
+    [
+        ("layers.1.attn.Wqkv.weight", _poison(float("nan")), r"holds 1 NaN or infinite values"),
+        ("embeddings.tok_embeddings.weight", _poison(float("inf")), r"holds 1 NaN or infinite values"),
+        (HEAD_KEY, _poison(-float("inf")), r"holds 1 NaN or infinite values"),
+        ("layers.0.mlp.Wo.weight", lambda t: (t * 100).to(torch.int32), r"holds torch\.int32 values, not floats"),
+        ("final_norm.weight", lambda t: t > 0, r"holds torch\.bool values, not floats"),
+    ],
+)
+def test_bad_weight_values_are_named(broken, key, change, message):
+    """NaN/inf and non-float weights raise ModelFileError naming model.safetensors and the key as the
+    file spells it; without the check they load (cast or copied) and every vector comes out NaN or wrong."""
+    _rewrite_weight(broken, key, change)
+    with pytest.raises(ModelFileError, match=rf"ck/model\.safetensors: {re.escape(key)} {message}"):
+        load(broken)
+
+
+def test_large_finite_weights_load(broken):
+    """The cheap finite check (a float32 sum) does not refuse finite weights whose sum overflows."""
+    _rewrite_weight(broken, "final_norm.weight", lambda t: torch.full_like(t, 3e38))
+    DeweyModel.from_pretrained(broken)
+
+
+def test_dewey_export_exits_2_on_nan_weights(broken, tmp_path):
+    """dewey-export reports a NaN checkpoint as bad input (exit 2) naming the file and the key."""
+    pytest.importorskip("onnxscript", reason="the export extra is not installed")
+    from click.testing import CliRunner
+
+    from dewey_export.cli import EXIT_BAD_INPUT, main
+
+    _rewrite_weight(broken, "layers.1.attn.Wqkv.weight", _poison(float("nan")))
+    result = CliRunner().invoke(main, ["--model", str(broken), "--to", "onnx", "--out", str(tmp_path / "out")])
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "layers.1.attn.Wqkv.weight holds 1 NaN" in result.output

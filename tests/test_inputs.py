@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -55,10 +56,12 @@ def text_ids(encoder, text):
         (["fine", b"bytes"], TypeError, r"texts\[1\] is bytes, expected str"),
         (["fine", None], TypeError, r"texts\[1\] is NoneType, expected str"),
         ([None], TypeError, r"texts\[0\] is NoneType"),
-        (None, TypeError, r"texts must be a string or a list of strings, got NoneType"),
-        (42, TypeError, r"texts must be a string or a list of strings, got int"),
-        (b"raw bytes", TypeError, r"texts must be a string or a list of strings, got bytes"),
+        (None, TypeError, r"texts must be a string or a sequence of strings .*, got NoneType"),
+        (42, TypeError, r"texts must be a string or a sequence of strings .*, got int"),
+        (b"raw bytes", TypeError, r"texts must be a string or a sequence of strings .*, got bytes: decode"),
         (bytearray(b"raw"), TypeError, r"got bytearray"),
+        (["fine", "abc\ud800"], ValueError, r"texts\[1\] has a lone surrogate '\\ud800' at character 3"),
+        ("\udfffx", ValueError, r"texts\[0\] has a lone surrogate '\\udfff' at character 0"),
     ],
 )
 def test_bad_texts_raise_naming_the_index(entry, texts, error, match):
@@ -109,13 +112,71 @@ def test_single_string_chunks_is_one_document(encoder):
     np.testing.assert_array_equal(single.vectors, batch[0].vectors)
 
 
-def test_tuple_and_generator_inputs(encoder):
-    """Any iterable of strings works like a list and keeps the input order."""
+class _Texts(Sequence):
+    """A user-defined sequence: any collections.abc.Sequence of strings is accepted."""
+
+    def __init__(self, items):
+        self._items = list(items)
+
+    def __len__(self):
+        return len(self._items)
+
+    def __getitem__(self, index):
+        return self._items[index]
+
+
+def test_sequence_inputs_keep_the_order(encoder):
+    """Tuples, other Sequences and 1-d numpy string arrays work like a list, in input order."""
     texts = [SENTENCE, "Another, different sentence.", "Third."]
     reference = encoder.encode(texts)
-    np.testing.assert_allclose(encoder.encode(tuple(texts)), reference, atol=FP32_ATOL)
-    np.testing.assert_allclose(encoder.encode(t for t in texts), reference, atol=FP32_ATOL)
+    for same in (tuple(texts), _Texts(texts), np.array(texts), np.array(texts, dtype=object)):
+        np.testing.assert_allclose(encoder.encode(same), reference, atol=FP32_ATOL)
+        assert [d.texts for d in encoder.encode_chunks(same)] == [[t] for t in texts]
     assert not np.allclose(reference[0], reference[1], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "texts, match",
+    [
+        ({"a": "b"}, r"got dict: a mapping would embed its keys"),
+        ({"b", "a"}, r"got set: a set has no order"),
+        (frozenset({"a"}), r"got frozenset: a set has no order"),
+        ({"a": "b"}.keys(), r"got dict_keys: a set has no order"),
+        ({"a": "b"}.values(), r"got dict_values: pass list\(texts\)"),
+        ((t for t in ["a"]), r"got generator: pass list\(texts\)"),
+        (iter(["a"]), r"got list_iterator: pass list\(texts\)"),
+        (np.array([["a"]]), r"a 1-d array of strings, got a 2-d array"),
+        (np.array("a"), r"a 1-d array of strings, got a 0-d array"),
+    ],
+)
+def test_unordered_or_one_shot_texts_are_refused(entry, texts, match):
+    """A dict (would embed its keys), a set (arbitrary order) or an iterator (one pass, no length)
+    raises TypeError naming texts, instead of embedding the wrong strings or in an unknown order."""
+    with pytest.raises(TypeError, match=rf"^texts must be .*{match}"):
+        entry(texts)
+
+
+@pytest.mark.parametrize("flag", ["normalize", "truncate", "show_progress"])
+@pytest.mark.parametrize("value", ["no", 0, 1, 1.0, [], "False"])
+def test_flags_must_be_bools(entry, flag, value):
+    """normalize, truncate and show_progress take True or False (show_progress also None): a truthy
+    string such as truncate="no" must not be taken as True."""
+    with pytest.raises(TypeError, match=rf"^{flag} must be True(,| or) False"):
+        entry(SENTENCE, **{flag: value})
+
+
+def test_numpy_bool_flags_are_bools(encoder):
+    """numpy's bool counts as a bool, like numpy integers count as integers."""
+    np.testing.assert_array_equal(
+        encoder.encode(SENTENCE, normalize=np.bool_(False), truncate=np.bool_(True), show_progress=np.False_),
+        encoder.encode(SENTENCE, normalize=False, truncate=True, show_progress=False),
+    )
+
+
+def test_literal_prompt_with_a_surrogate_is_named(encoder):
+    """A literal prompt holding a surrogate raises ValueError naming the prompt and the position."""
+    with pytest.raises(ValueError, match=r"prompt has a lone surrogate '\\ud83d' at character 2"):
+        encoder.encode(SENTENCE, prompt="ab\ud83d: ")
 
 
 # -- over-long input and max_length ------------------------------------------------------------------
