@@ -22,6 +22,8 @@ maps back to a slice of the caller's original string.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .validation import require_int
@@ -132,21 +134,29 @@ class RecursiveSplitter:
         self._tokenizer = tokenizer
         self._splitters = {}
         self._max_cached = max_cached  # each splitter holds a copy of the tokenizer
+        # Encoders are shared by threads: without the lock one thread's eviction can remove the entry
+        # another has just checked for. Only the cache is locked, not the splitting.
+        self._lock = threading.Lock()
+
+    def _splitter(self, chunk_size: int, chunk_overlap: int):
+        key = (chunk_size, chunk_overlap)
+        with self._lock:
+            if key not in self._splitters:
+                try:
+                    from semantic_text_splitter import TextSplitter
+                except ImportError as exc:
+                    raise ImportError(
+                        "splitter='recursive' needs the semantic-text-splitter package: "
+                        "pip install semantic-text-splitter"
+                    ) from exc
+                if len(self._splitters) >= self._max_cached:
+                    self._splitters.pop(next(iter(self._splitters)))  # the oldest
+                self._splitters[key] = TextSplitter.from_huggingface_tokenizer(
+                    self._tokenizer, chunk_size, overlap=chunk_overlap
+                )
+            return self._splitters[key]
 
     def char_ranges(self, text: str, chunk_size: int, chunk_overlap: int) -> list[tuple[int, int]]:
-        key = (chunk_size, chunk_overlap)
-        if key not in self._splitters:
-            try:
-                from semantic_text_splitter import TextSplitter
-            except ImportError as exc:
-                raise ImportError(
-                    "splitter='recursive' needs the semantic-text-splitter package: "
-                    "pip install semantic-text-splitter"
-                ) from exc
-            if len(self._splitters) >= self._max_cached:
-                self._splitters.pop(next(iter(self._splitters)))  # the oldest
-            self._splitters[key] = TextSplitter.from_huggingface_tokenizer(
-                self._tokenizer, chunk_size, overlap=chunk_overlap
-            )
+        splitter = self._splitter(chunk_size, chunk_overlap)
         # chunk_indices gives character offsets (Python str indices) of each trimmed chunk.
-        return [(start, start + len(chunk)) for start, chunk in self._splitters[key].chunk_indices(text)]
+        return [(start, start + len(chunk)) for start, chunk in splitter.chunk_indices(text)]
