@@ -57,7 +57,7 @@ _SET_HELP = "Override any config key: --set lr=5e-4 --set student.hidden_size=12
 def train(config_path, out_dir, data, teacher, init_from, epochs, max_steps, batch_size, grad_accum, lr, bf16,
           gradient_checkpointing, seed, pairs, device, resume):
     """Train a student; writes checkpoints, metrics.jsonl and final/ under the output folder."""
-    from .trainer import latest_checkpoint, read_checkpoint_config, train as run_training
+    from .trainer import latest_checkpoint, read_checkpoint_config
 
     try:
         overrides = _overrides(pairs, out_dir=out_dir, data=list(data) or None, teacher=teacher, init_from=init_from,
@@ -71,8 +71,19 @@ def train(config_path, out_dir, data, teacher, init_from, epochs, max_steps, bat
             cfg = read_checkpoint_config(checkpoint, _overrides((), max_steps=max_steps, epochs=epochs))
     except (ValueError, FileNotFoundError, ImportError) as exc:
         _fail(str(exc))
-    final = run_training(cfg, resume_from=checkpoint, device=device)
-    click.echo(str(final))
+    click.echo(str(_run_training(cfg, checkpoint, device)))
+
+
+def _run_training(cfg, checkpoint, device) -> Path:
+    """Train; a missing or corrupt model, tokenizer or training-state file is bad input (exit 2)."""
+    from runtimes.config import ModelFileError
+
+    from .trainer import train as run_training
+
+    try:
+        return run_training(cfg, resume_from=checkpoint, device=device)
+    except ModelFileError as exc:
+        _fail(str(exc))
 
 
 @main.command()
@@ -81,8 +92,10 @@ def train(config_path, out_dir, data, teacher, init_from, epochs, max_steps, bat
 @click.option("--max-steps", type=int, help="Raise the step limit.")
 @click.option("--device", default="cpu", show_default=True)
 def resume(out_dir, epochs, max_steps, device):
-    """Continue the run in OUT_DIR from its latest checkpoint, exactly (same config, data position, RNG)."""
-    from .trainer import latest_checkpoint, read_checkpoint_config, train as run_training
+    """Continue the run in OUT_DIR from its latest checkpoint, exactly (same config, data position, RNG).
+
+    Everything is written into OUT_DIR, also when the run was copied or moved there from elsewhere."""
+    from .trainer import latest_checkpoint, read_checkpoint_config
 
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is None:
@@ -91,7 +104,7 @@ def resume(out_dir, epochs, max_steps, device):
         cfg = read_checkpoint_config(checkpoint, _overrides((), max_steps=max_steps, epochs=epochs))
     except ValueError as exc:
         _fail(str(exc))
-    click.echo(str(run_training(cfg, resume_from=checkpoint, device=device)))
+    click.echo(str(_run_training(cfg, checkpoint, device)))
 
 
 @main.command("eval")

@@ -9,10 +9,15 @@ continues exactly where the saved one stopped.
 Layout of ``out_dir``::
 
     init/                   the new student, before training (when not started from a checkpoint)
-    checkpoints/step-0000200/   model files + training_state.pt + train_config.json (the last keep_last)
+    checkpoints/step-0000200/   model files + training_state.safetensors + training_state.json
+                            + train_config.json (the last keep_last)
     final/                  the trained model folder
     metrics.jsonl           one line per log interval: loss terms, lr, grad norm, tokens/s
     teacher_cache.sqlite    teacher vectors (unless teacher_cache says elsewhere)
+
+Training folders are copied between machines and people, so nothing read from one is unpickled: the
+training state is tensors in safetensors plus everything else in JSON. Checkpoints and final/ are
+written in a staging folder and renamed into place; a run that starts removes what a killed one left.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -32,8 +38,9 @@ import torch.distributed as dist
 from torch import nn
 
 from runtimes.batching import pad_batch
+from runtimes.config import ModelFileError
 from runtimes.config import load_config as load_model_config
-from runtimes.files import staged_folder
+from runtimes.files import atomic_path, clean_leftovers, discard_folder, staged_folder
 from runtimes.modeling import DeweyModel
 from runtimes.tokenization import DeweyTokenizer
 
@@ -45,10 +52,19 @@ from .student import build_student
 from .teacher import Teacher
 
 CHECKPOINTS = "checkpoints"
-STATE_FILE = "training_state.pt"
+CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
+STATE_TENSORS = "training_state.safetensors"  # every tensor of the training state
+STATE_JSON = "training_state.json"  # the rest, with references to those tensors by name
+LEGACY_STATE = "training_state.pt"  # a pickle, written by older versions: refused, never loaded
+STATE_PARTS = ("progress", "optimizer", "scheduler", "projection", "rng")
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+FINAL = "final"
+TOKENIZER_FILE = "tokenizer.json"  # required in the folder training starts from
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json")
+# How the training state's JSON marks what JSON cannot hold: a tensor (by its name in the safetensors
+# file), a tuple, and a dict with keys that are not all strings (the optimizer's per-parameter states).
+TENSOR_KEY, TUPLE_KEY, DICT_KEY = "__tensor__", "__tuple__", "__dict__"
 # Micro-batches are drawn from pools this many batches wide, sorted by length inside the pool, so rows
 # of similar length share a batch (less padding) while the order stays random across pools.
 SORT_POOL_BATCHES = 16
@@ -139,11 +155,13 @@ def lr_multiplier(step: int, warmup: int, total: int) -> float:
 
 
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest first. Every ``step-N`` folder is a complete one: a checkpoint is
+    renamed into place only once written, and renamed away before it is deleted."""
     root = out_dir / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(p.name)[1]))
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -151,15 +169,24 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_model_folder(student: Student, source: Path, folder: Path, export_projection: bool = False) -> None:
+def read_tokenizer_files(source: Path) -> dict[str, bytes]:
+    """The tokenizer files of the folder training starts from, read once: that folder may be a
+    checkpoint that ``keep_last`` deletes while the run still writes checkpoints that need them."""
+    if not (source / TOKENIZER_FILE).is_file():
+        raise ModelFileError(f"{source / TOKENIZER_FILE} is missing: training needs the tokenizer of the folder "
+                             "it starts from")
+    return {name: (source / name).read_bytes() for name in TOKENIZER_FILES if (source / name).is_file()}
+
+
+def save_model_folder(student: Student, tokenizer_files: dict[str, bytes], folder: Path,
+                      export_projection: bool = False) -> None:
     """The model folder: config.json + model.safetensors (+ projection folded in) + tokenizer files."""
     model = student.model
     if export_projection and student.projection is not None:
         model = fold_projection(student)
     model.save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, folder / name)
+    for name, data in tokenizer_files.items():
+        (folder / name).write_bytes(data)
 
 
 def fold_projection(student: Student) -> DeweyModel:
@@ -176,32 +203,180 @@ def fold_projection(student: Student) -> DeweyModel:
     return model
 
 
-def save_checkpoint(out_dir: Path, student: Student, source: Path, optimizer, scheduler, progress: Progress,
-                    cfg: TrainConfig) -> Path:
+def _state_to_json(value, name: str, tensors: dict[str, torch.Tensor]):
+    """``value`` (nested dicts, lists, tuples, tensors, Python scalars) as JSON; each tensor goes into
+    ``tensors`` under ``name``, its path in ``value``, and the JSON keeps a reference to it."""
+    def child(key) -> str:
+        return f"{name}.{key}" if name else str(key)
+
+    if isinstance(value, torch.Tensor):
+        if name in tensors:
+            raise ValueError(f"training state: two tensors named {name!r}")
+        tensors[name] = value.detach().cpu().contiguous()
+        return {TENSOR_KEY: name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_state_to_json(item, child(i), tensors) for i, item in enumerate(value)]
+        return {TUPLE_KEY: items} if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        if not all(isinstance(key, (str, int)) for key in value):
+            raise TypeError(f"training state: keys of {name or 'the state'} must be str or int")
+        if all(isinstance(key, str) for key in value) and not {TENSOR_KEY, TUPLE_KEY, DICT_KEY} & value.keys():
+            return {key: _state_to_json(item, child(key), tensors) for key, item in value.items()}
+        return {DICT_KEY: [[key, _state_to_json(item, child(key), tensors)] for key, item in value.items()]}
+    raise TypeError(f"training state: cannot store a {type(value).__name__} ({name})")
+
+
+def _state_from_json(value, tensors: dict[str, torch.Tensor]):
+    """The inverse of ``_state_to_json``."""
+    if isinstance(value, list):
+        return [_state_from_json(item, tensors) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if value.keys() == {TENSOR_KEY}:
+        return tensors[value[TENSOR_KEY]]
+    if value.keys() == {TUPLE_KEY}:
+        return tuple(_state_from_json(item, tensors) for item in value[TUPLE_KEY])
+    if value.keys() == {DICT_KEY}:
+        return {key: _state_from_json(item, tensors) for key, item in value[DICT_KEY]}
+    return {key: _state_from_json(item, tensors) for key, item in value.items()}
+
+
+def write_training_state(folder: Path, state: dict) -> None:
+    """``state`` as ``training_state.safetensors`` (its tensors) + ``training_state.json`` (the rest)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _state_to_json(state, "", tensors)
+    with atomic_path(folder / STATE_TENSORS) as tmp:
+        save_file(tensors, tmp)
+    with atomic_path(folder / STATE_JSON) as tmp:
+        Path(tmp).write_text(json.dumps(tree) + "\n", encoding="utf-8")
+
+
+def read_training_state(folder: Path) -> dict:
+    """The state ``write_training_state`` wrote into ``folder``; ModelFileError, naming the file, when
+    it is missing or unreadable. An old pickled ``training_state.pt`` is refused unread."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / STATE_JSON).exists() and (folder / LEGACY_STATE).exists():
+        raise ModelFileError(
+            f"{folder / LEGACY_STATE} is a pickle (the training state of an older dewey-train) and is not loaded: "
+            f"unpickling a file can run any code; start a new run from its model with --init-from {folder}")
+    for name in (STATE_TENSORS, STATE_JSON):
+        if not (folder / name).is_file():
+            raise ModelFileError(f"{folder / name} is missing: {folder} is not a complete checkpoint")
+    try:
+        tensors = load_file(str(folder / STATE_TENSORS))
+    except SafetensorError as exc:
+        raise ModelFileError(f"{folder / STATE_TENSORS} is not a readable safetensors file: {exc}") from exc
+    try:
+        state = _state_from_json(json.loads((folder / STATE_JSON).read_text(encoding="utf-8")), tensors)
+    except (ValueError, KeyError, TypeError) as exc:  # bad JSON, a tensor it names is absent, a bad structure
+        raise ModelFileError(f"{folder / STATE_JSON} is not a readable training state: {exc!r}") from exc
+    if not isinstance(state, dict) or set(STATE_PARTS) - state.keys():
+        raise ModelFileError(f"{folder / STATE_JSON} is not a readable training state: it needs {STATE_PARTS}")
+    return state
+
+
+def _numpy_rng_state() -> tuple:
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return kind, keys.tolist(), position, has_gauss, cached_gaussian
+
+
+def restore_training_state(state: dict, student: Student, optimizer, scheduler, folder: Path) -> Progress:
+    """Put a ``read_training_state`` result back into the run; returns its progress."""
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if student.projection is not None:
+            student.projection.load_state_dict(state["projection"])
+        progress = Progress(**state["progress"])
+        torch.set_rng_state(state["rng"]["torch"])
+        kind, keys, *rest = state["rng"]["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+        random.setstate(state["rng"]["python"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # what the loaders raise for a misfit
+        raise ModelFileError(f"{folder / STATE_JSON} does not fit this run: {exc!r}") from exc
+    return progress
+
+
+def save_checkpoint(out_dir: Path, student: Student, tokenizer_files: dict[str, bytes], optimizer, scheduler,
+                    progress: Progress, cfg: TrainConfig) -> Path:
     """Write ``checkpoints/step-N`` in a temporary folder, then rename it into place; prune old ones."""
     root = out_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{progress.step:07d}"
     with staged_folder(final) as tmp:
-        save_model_folder(student, source, tmp)
-        state = {
+        save_model_folder(student, tokenizer_files, tmp)
+        write_training_state(tmp, {
             "progress": progress.__dict__.copy(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "projection": None if student.projection is None else student.projection.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        }
-        torch.save(state, tmp / STATE_FILE)
+            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate()},
+        })
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
     for old in checkpoint_dirs(out_dir)[:-cfg.keep_last]:
-        shutil.rmtree(old)
+        discard_folder(old)
     return final
 
 
+def _inside(path: str, folder: str) -> str | None:
+    """``path`` relative to ``folder`` when it lies inside it (both as written in one config)."""
+    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
+    return None if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+
 def read_checkpoint_config(checkpoint: Path, overrides: dict | None = None) -> TrainConfig:
-    raw = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return config_from_dict(raw)
+    """The config saved with ``checkpoint``, pointed at the run folder that holds the checkpoint now.
+
+    A run folder may have been copied or moved since the config was written: resuming it must write
+    into it (checkpoints, final/, metrics and a teacher cache kept inside it), never into the folder
+    named in the saved ``out_dir``. Other paths (data, teacher, a cache elsewhere) are inputs, kept.
+    """
+    checkpoint = Path(checkpoint)
+    path = checkpoint / CONFIG_FILE
+    if not path.is_file():
+        raise ModelFileError(f"{path} is missing: {checkpoint} is not a complete checkpoint")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError("it must hold a table of settings")
+        run = checkpoint.parent.parent  # <run>/checkpoints/step-N
+        cache = raw.get("teacher_cache")
+        inside = _inside(cache, raw["out_dir"]) if cache else None
+        if inside is not None:
+            raw["teacher_cache"] = str(run / inside)
+        raw["out_dir"] = str(run)
+        raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return config_from_dict(raw)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelFileError(f"{path} is not a readable training config: {exc}") from exc
+
+
+def keep_metrics_until(path: Path, step: int, log) -> None:
+    """Drop the records of steps after ``step`` (a resumed run logs them again) and any line a kill cut
+    short, so each step appears once."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    kept = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    if "".join(kept) != text:
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text("".join(kept), encoding="utf-8")
+        log(f"{path}: kept the {len(kept)} record(s) up to step {step}, dropped "
+            f"{len(text.splitlines()) - len(kept)} line(s) after it or cut short")
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -258,6 +433,13 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, device: str = "cpu"
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Read first: a bad checkpoint fails in a moment, not after the teacher's work.
+    saved = read_training_state(resume_from) if resume_from is not None else None
+    if rank == 0:  # what a killed run was writing: staging folders as large as a checkpoint
+        clean_leftovers(out_dir / CHECKPOINTS, log=say)
+        for name in (FINAL, METRICS_FILE):
+            clean_leftovers(out_dir, name, log=say)
+    barrier()
 
     teacher = Teacher(cfg.teacher, cfg.resolved_teacher_cache(), device=device, batch_size=cfg.teacher_batch_size)
     if resume_from is not None:
@@ -270,6 +452,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, device: str = "cpu"
             build_student(cfg.student, teacher.path, source, seed=cfg.seed)
             say(f"new student written to {source}")
         barrier()
+    tokenizer_files = read_tokenizer_files(source)
     torch.manual_seed(cfg.seed)
     model = DeweyModel.from_pretrained(source, attention=cfg.attention, device=device).train()
     if cfg.gradient_checkpointing:
@@ -295,16 +478,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, device: str = "cpu"
         optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, total_steps))
 
     progress = Progress()
-    if resume_from is not None:
-        state = torch.load(Path(resume_from) / STATE_FILE, map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if student.projection is not None:
-            student.projection.load_state_dict(state["projection"])
-        progress = Progress(**state["progress"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+    if saved is not None:
+        progress = restore_training_state(saved, student, optimizer, scheduler, Path(resume_from))
         say(f"resumed from {resume_from}: step {progress.step}, epoch {progress.epoch}, batch {progress.batch}")
 
     trained = student
@@ -312,6 +487,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, device: str = "cpu"
         trained = nn.parallel.DistributedDataParallel(student)
     autocast = (torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if cfg.bf16 else nullcontext())
     metrics_path = out_dir / METRICS_FILE
+    if rank == 0:
+        keep_metrics_until(metrics_path, progress.step, say)
     say(f"training: {total_steps} steps ({steps_per_epoch} per epoch), {world} rank(s), "
         f"batch {cfg.batch_size} x accum {cfg.grad_accum} x ranks {world}")
 
@@ -376,7 +553,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, device: str = "cpu"
             if progress.step % cfg.save_every == 0:
                 progress.seconds = time.time() - session_start
                 if rank == 0:
-                    save_checkpoint(out_dir, student, source, optimizer, scheduler, progress, cfg)
+                    save_checkpoint(out_dir, student, tokenizer_files, optimizer, scheduler, progress, cfg)
                 barrier()
                 last_saved = progress.step
         if progress.batch >= usable:
@@ -386,12 +563,12 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, device: str = "cpu"
         bar.close()
 
     progress.seconds = time.time() - session_start
-    final = out_dir / "final"
+    final = out_dir / FINAL
     if rank == 0:
         if last_saved != progress.step:
-            save_checkpoint(out_dir, student, source, optimizer, scheduler, progress, cfg)
+            save_checkpoint(out_dir, student, tokenizer_files, optimizer, scheduler, progress, cfg)
         with staged_folder(final) as tmp:
-            save_model_folder(student, source, tmp, cfg.export_projection)
+            save_model_folder(student, tokenizer_files, tmp, cfg.export_projection)
             (tmp / "training_summary.json").write_text(json.dumps({
                 "steps": progress.step, "epochs_started": progress.epoch, "tokens": progress.tokens,
                 "train_seconds": round(progress.seconds, 1),

@@ -124,3 +124,12 @@ def publish_folder(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(out)
+
+
+def discard_folder(folder: Path) -> None:
+    """Delete ``folder``; it is first renamed to a temporary name of this process, so a kill during the
+    delete leaves a dead writer's leftover (removed by the next ``clean_leftovers``), never a half-deleted
+    folder under its own name that looks complete."""
+    doomed = _temporary_name(folder, "tmp")
+    folder.rename(doomed)
+    shutil.rmtree(doomed)
