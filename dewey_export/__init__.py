@@ -3,9 +3,11 @@
 - ``onnx_export``: traces ``runtimes.modeling.DeweyModel`` (the backend contract) to ONNX for a target
   (cpu: ONNX Runtime, gpu: TensorRT / ORT CUDA), verifies it against PyTorch and writes the folder
   atomically with its manifest.
-- ``verify``: parity between a candidate backend and the PyTorch reference, kept apart from execution.
+- ``verify``: the checks of an export against its source, used by every path: the checkpoint's files
+  and hashes, and parity between a candidate backend and the PyTorch reference.
 - ``contrib_ops``: the ONNX Runtime contrib attention op used by cpu-target graphs.
-- ``trt_build``: applies ``runtimes.trt_plan`` with the TensorRT API to build an engine.
+- ``trt_precision``: the builder's precision plan by TensorRT version (plain data).
+- ``trt_build``: applies it and ``runtimes.trt_plan`` with the TensorRT API to build and verify an engine.
 - ``cli``: ``dewey-export``.
 
 It imports ``runtimes`` for the model definition and the forward contract; ``runtimes`` never imports it.

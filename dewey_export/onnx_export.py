@@ -10,6 +10,7 @@ only with ``overwrite`` (``check_output_folder``).
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from runtimes.config import CONFIG_FILE, ModelFileError, load_config
+from runtimes.config import CONFIG_FILE, DeweyConfig
 from runtimes.export_format import (
     INPUTS,
     MANIFEST_FILE,
@@ -26,13 +27,13 @@ from runtimes.export_format import (
     OUTPUTS,
     file_table,
     is_export_folder,
-    sha256_file,
     write_manifest,
 )
 from runtimes.files import clean_leftovers, staged_folder
+from runtimes.precision import precision_name
 from runtimes.tokenization import TOKENIZER_FILE
 
-from .verify import compare_backends, parity_cases, parity_thresholds
+from .verify import check_checkpoint, compare_backends, skipped_report, source_hashes
 
 SUPPORTED_OPSETS = (18, 23)
 # Where the graph will run decides the form of global attention (runtimes.attention):
@@ -46,7 +47,6 @@ ATTENTION_FORMS = {
 }
 # Protobuf cannot hold a file over 2 GiB; above this many weight bytes the weights go to model.onnx.data.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
-CHECKPOINT_FILES = (CONFIG_FILE, "model.safetensors", TOKENIZER_FILE)
 COPIED_FILES = (CONFIG_FILE, TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -58,10 +58,16 @@ class ExportError(RuntimeError):
 class ExportResult:
     folder: Path
     manifest: dict
+    # The manifest's parity report that decides ``passed``: the graph's, or an engine folder's engine's.
+    parity_key: str = "parity"
+
+    @property
+    def parity(self) -> dict:
+        return self.manifest[self.parity_key]
 
     @property
     def passed(self) -> bool:
-        return self.manifest["parity"].get("passed") is not False
+        return self.parity.get("passed") is not False
 
 
 def tool_versions() -> dict:
@@ -74,18 +80,6 @@ def tool_versions() -> dict:
     return versions
 
 
-def check_checkpoint(checkpoint: Path) -> None:
-    if not checkpoint.is_dir():
-        raise ModelFileError(f"model folder {checkpoint} does not exist")
-    for name in CHECKPOINT_FILES:
-        if not (checkpoint / name).is_file():
-            raise ModelFileError(f"{checkpoint} is not a Dewey checkpoint: {name} is missing")
-    load_config(checkpoint)
-
-
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
 @dataclass(frozen=True)
 class GraphOptions:
     """What the graph is made for, checked by ``graph_options``."""
@@ -94,7 +88,7 @@ class GraphOptions:
     opset: int
     attention: str
     global_kernel: str
-    precision: str  # fp32, fp16 or bf16
+    precision: str  # runtimes.precision's name: fp32, fp16 or bf16
 
 
 def graph_options(target: str = "cpu", opset: int | None = None, attention: str = "linear",
@@ -109,8 +103,10 @@ def graph_options(target: str = "cpu", opset: int | None = None, attention: str 
         raise ExportError("target gpu needs opset 23: its global layers use the ONNX Attention op")
     if attention not in ("linear", "dense"):
         raise ExportError(f"attention must be 'linear' or 'dense', got {attention!r}")
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    try:
+        precision = precision_name(precision)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     global_kernel = TARGETS[target]["global_kernel"] if attention == "linear" else "sdpa"
     return GraphOptions(target, opset, attention, global_kernel, precision)
 
@@ -144,6 +140,23 @@ def check_output_folder(checkpoint, out, overwrite: bool) -> None:
         raise ExportError(f"cannot write --out {out}: {existing} is not writable")
 
 
+def prepare_output(checkpoint: Path, out: Path, overwrite: bool, log) -> None:
+    """Remove what a killed export left beside ``out``, then ``check_output_folder``."""
+    # Before the check: a folder a crash left moved aside is put back, and is then again a previous
+    # export that only overwrite replaces.
+    clean_leftovers(out.parent, out.name, log=log)
+    check_output_folder(checkpoint, out, overwrite)
+
+
+def load_reference(checkpoint: Path, attention: str, log):
+    """The checkpoint's fp32 DeweyModel, loaded once per export: the graph is traced from a copy of it,
+    and parity is checked against it."""
+    from runtimes.modeling import DeweyModel
+
+    log(f"Loading {checkpoint}")
+    return DeweyModel.from_pretrained(checkpoint, attention=attention)
+
+
 def export_onnx(checkpoint, out, target: str = "cpu", opset: int | None = None, attention: str = "linear",
                 precision: str = "fp32", verify: bool = True, overwrite: bool = False, log=print) -> ExportResult:
     """Export ``checkpoint`` to the folder ``out``; returns the manifest (its parity report included).
@@ -158,44 +171,49 @@ def export_onnx(checkpoint, out, target: str = "cpu", opset: int | None = None, 
     ``out`` is checked by ``check_output_folder`` first; what a killed export left beside it is removed.
     """
     checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
-    check_checkpoint(checkpoint)
+    config = check_checkpoint(checkpoint)
     options = graph_options(target, opset, attention, precision)
-    # Before the check: a folder a crash left moved aside is put back, and is then again a previous
-    # export that only overwrite replaces.
-    clean_leftovers(out.parent, out.name, log=log)
-    check_output_folder(checkpoint, out, overwrite)
-    with staged_folder(out) as staging:
-        manifest = write_export(checkpoint, staging, options, verify, log)
+    prepare_output(checkpoint, out, overwrite, log)
+    with staged_folder(out) as staging:  # made first: an --out that cannot be written fails before the load
+        model = load_reference(checkpoint, options.attention, log)
+        manifest = write_export(checkpoint, config, model, staging, options, verify, log)
     log(f"Wrote {out}")
     return ExportResult(out, manifest)
 
 
-def write_export(checkpoint: Path, folder: Path, options: GraphOptions, verify: bool, log) -> dict:
+def graph_model(model, options: GraphOptions):
+    """The form of the fp32 ``model`` that is traced for ``options``: a copy (``model`` stays the parity
+    reference) with the target's global attention kernel, pooling and precision."""
+    from runtimes.attention import set_global_kernel
+    from runtimes.backends.torch_backend import torch_dtype
+    from runtimes.modeling import reduce_precision
+
+    traced = copy.deepcopy(model)
+    if options.attention == "linear":
+        set_global_kernel(traced.backbone, options.global_kernel)
+    if options.target == "gpu":
+        traced.pooling = "centered_float32"
+    return reduce_precision(traced, torch_dtype(options.precision))
+
+
+def write_export(checkpoint: Path, config: DeweyConfig, model, folder: Path, options: GraphOptions, verify: bool,
+                 log) -> dict:
     """Fill the empty ``folder`` with the export of ``checkpoint`` and its manifest; returns the manifest.
 
-    ``folder`` is a staging folder (runtimes.files.staged_folder): only a complete export is published.
+    ``config`` and ``model`` (fp32, from ``load_reference``) are the checkpoint's, read once by the caller;
+    ``model`` is left as it is. ``folder`` is a staging folder (runtimes.files.staged_folder): only a
+    complete export is published.
     """
-    import torch
-
-    from runtimes.attention import set_global_kernel
     from runtimes.backends.onnx_backend import OnnxBackend
     from runtimes.backends.torch_backend import TorchBackend
-    from runtimes.modeling import DeweyModel, reduce_precision
 
-    config = load_config(checkpoint)
-    log(f"Loading {checkpoint}")
-    model = DeweyModel.from_pretrained(checkpoint, attention=options.attention)
-    if options.attention == "linear":
-        set_global_kernel(model.backbone, options.global_kernel)
-    if options.target == "gpu":
-        model.pooling = "centered_float32"
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    model = reduce_precision(model, getattr(torch, PRECISIONS[options.precision]))
+    traced = graph_model(model, options)
     onnx_path = folder / ONNX_FILE
     log(f"Exporting to ONNX (target {options.target}, opset {options.opset}, {options.attention} attention, "
         f"{options.precision}, {weight_bytes / 1e6:.1f} MB of fp32 weights)")
     started = time.perf_counter()
-    _trace(model, onnx_path, options.opset, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES,
+    _trace(traced, onnx_path, options.opset, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES,
            contrib=options.global_kernel == "ort_contrib")
     export_seconds = time.perf_counter() - started
     log(f"  exported in {export_seconds:.1f} s")
@@ -203,28 +221,22 @@ def write_export(checkpoint: Path, folder: Path, options: GraphOptions, verify: 
         if (checkpoint / name).is_file():
             shutil.copy2(checkpoint / name, folder / name)
 
-    thresholds = parity_thresholds(PRECISIONS[options.precision])
     if verify and options.precision == "bf16":
         reason = ("ONNX Runtime's CPU provider has no bfloat16 kernels; check this graph on a GPU with "
                   "dewey-export verify DIR --device cuda")
         log(f"Not verified: {reason}")
-        parity = {"skipped": reason, "thresholds": thresholds}
+        parity = skipped_report(options.precision, reason)
     elif verify:
         log("Verifying against the PyTorch backend (fp32)")
-        parity = compare_backends(
-            TorchBackend(DeweyModel.from_pretrained(checkpoint, attention=options.attention)),
-            OnnxBackend(onnx_path), parity_cases(config), log=log, **thresholds,
-        )
-        log(f"  max abs diff {parity['max_abs_diff']:.3g}, min cosine {parity['min_cosine']:.8f}: "
-            f"{'passed' if parity['passed'] else 'FAILED'}")
+        parity = compare_backends(TorchBackend(model), OnnxBackend(onnx_path), config, options.precision, log)
     else:
-        parity = {"skipped": True, "thresholds": thresholds}
+        parity = skipped_report(options.precision)
 
     attention_forms = {
         "mode": options.attention,
         "sliding_layers": "block-local, exact (W x 3W band)" if options.attention == "linear" else "dense masked",
         "global_layers": ATTENTION_FORMS[(options.attention, options.global_kernel)],
-        "pooling": model.pooling,
+        "pooling": traced.pooling,
     }
     manifest = build_manifest(checkpoint, folder, options, attention_forms, export_seconds, parity)
     write_manifest(folder, manifest)
@@ -271,7 +283,7 @@ def build_manifest(checkpoint: Path, folder: Path, options: GraphOptions, attent
         "format": MANIFEST_FORMAT,
         "source": {
             "path": str(checkpoint),
-            "sha256": {name: sha256_file(checkpoint / name) for name in CHECKPOINT_FILES},
+            "sha256": source_hashes(checkpoint),
         },
         "onnx": {
             "file": ONNX_FILE,
@@ -280,7 +292,7 @@ def build_manifest(checkpoint: Path, folder: Path, options: GraphOptions, attent
             "outputs": {name: {"type": t, "axes": axes} for name, (t, axes) in OUTPUTS.items()},
         },
         "files": file_table(folder),
-        "precision": PRECISIONS[options.precision],
+        "precision": options.precision,
         "target": options.target,
         "attention": attention,
         "export_seconds": round(export_seconds, 2),

@@ -1,12 +1,24 @@
-"""Parity between a candidate backend (ONNX Runtime, TensorRT) and the PyTorch reference.
+"""The checks of an export against its source: the checkpoint (its files and their hashes), and parity
+between a candidate backend (ONNX Runtime, TensorRT) and the PyTorch reference.
 
-Comparison is kept apart from execution: both backends get the same generated inputs through the
-backend contract, and only their output arrays are compared.
+The ONNX exporter, the TensorRT builder and ``dewey-export verify`` all check through here. Comparison
+is kept apart from execution: both backends get the same generated inputs through the backend
+contract, and only their output arrays are compared.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+from runtimes.config import CONFIG_FILE, DeweyConfig, ModelFileError, load_config
+from runtimes.export_format import sha256_file
+from runtimes.precision import precision_name
+from runtimes.tokenization import TOKENIZER_FILE
+
+# What a checkpoint folder must hold; the manifest records the sha256 of each.
+CHECKPOINT_FILES = (CONFIG_FILE, "model.safetensors", TOKENIZER_FILE)
 
 # fp32 thresholds on the un-normalised vectors (issue 3): an fp32 graph that computes the same function
 # differs from PyTorch only by kernel rounding (~1e-6 on the tiny test model); 1e-4 leaves room for other
@@ -18,11 +30,48 @@ FP32_MIN_COSINE = 0.99999
 REDUCED_MIN_COSINE = 0.999
 
 
-def parity_thresholds(precision: str) -> dict:
-    """Limits for ``compare_backends`` by the candidate's element type (``float32``, ``float16``, ``bfloat16``)."""
-    if precision == "float32":
+def check_checkpoint(checkpoint: Path) -> DeweyConfig:
+    """Check that ``checkpoint`` holds a Dewey checkpoint's files and a valid config; returns the config,
+    which the callers pass on rather than read again."""
+    if not checkpoint.is_dir():
+        raise ModelFileError(f"model folder {checkpoint} does not exist")
+    for name in CHECKPOINT_FILES:
+        if not (checkpoint / name).is_file():
+            raise ModelFileError(f"{checkpoint} is not a Dewey checkpoint: {name} is missing")
+    return load_config(checkpoint)
+
+
+def source_hashes(checkpoint: Path) -> dict:
+    """The sha256 of each of ``CHECKPOINT_FILES``: the manifest's ``source.sha256``."""
+    return {name: sha256_file(checkpoint / name) for name in CHECKPOINT_FILES}
+
+
+def check_source(manifest: dict, checkpoint: Path | None = None) -> tuple[Path, DeweyConfig]:
+    """The checkpoint an export was made from: ``checkpoint``, or the path its manifest records, checked
+    (``check_checkpoint``) and with the sha256 the manifest records for each file. Returns its path and
+    config; a different checkpoint is a ModelFileError naming the files that differ."""
+    checkpoint = Path(checkpoint or manifest["source"]["path"])
+    config = check_checkpoint(checkpoint)
+    recorded = manifest["source"]["sha256"]
+    changed = [name for name, digest in source_hashes(checkpoint).items() if digest != recorded.get(name)]
+    if changed:
+        raise ModelFileError(
+            f"{checkpoint} is not the checkpoint this export was made from: {', '.join(changed)} differ "
+            "(sha256 in the manifest); pass --model with the original checkpoint"
+        )
+    return checkpoint, config
+
+
+def parity_thresholds(precision) -> dict:
+    """Limits for ``compare_backends`` by the candidate's precision (any spelling of runtimes.precision)."""
+    if precision_name(precision) == "fp32":
         return {"max_abs_diff": FP32_MAX_ABS_DIFF, "min_cosine": FP32_MIN_COSINE}
     return {"max_abs_diff": None, "min_cosine": REDUCED_MIN_COSINE}
+
+
+def skipped_report(precision, reason: str | bool = True) -> dict:
+    """The parity report of a check that was not run: ``reason`` says why (True: not asked for)."""
+    return {"skipped": reason, "thresholds": parity_thresholds(precision)}
 
 
 # Lengths around the sliding window (128 for Dewey): shorter, equal, longer, and one long row.
@@ -73,14 +122,14 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.maximum(norms, 1e-30)
 
 
-def compare_backends(reference, candidate, cases, max_abs_diff=FP32_MAX_ABS_DIFF, min_cosine=FP32_MIN_COSINE,
-                     log=None) -> dict:
-    """Run every case through both backends; report the worst max-abs difference and cosine.
+def compare_backends(reference, candidate, config, precision, log=None) -> dict:
+    """Run the parity cases of ``config`` through both backends; report the worst max-abs difference and
+    cosine against the limits of the candidate's ``precision``.
 
     Empty spans must be exactly zero in both; they are compared by max-abs only (no cosine of zeros).
     """
-    report = {"thresholds": {"max_abs_diff": max_abs_diff, "min_cosine": min_cosine}, "cases": []}
-    for name, ids, mask, bounds in cases:
+    report = {"thresholds": parity_thresholds(precision), "cases": []}
+    for name, ids, mask, bounds in parity_cases(config):
         if log:
             log(f"  parity case {name} (batch {ids.shape[0]} x {ids.shape[1]} tokens)")
         ref_cls, ref_spans = reference.forward(ids, mask, bounds)
@@ -100,6 +149,9 @@ def compare_backends(reference, candidate, cases, max_abs_diff=FP32_MAX_ABS_DIFF
     report["max_abs_diff"] = max(c["max_abs_diff"] for c in report["cases"])
     report["min_cosine"] = min(c["min_cosine"] for c in report["cases"])
     report["passed"] = all(_case_passes(c, report["thresholds"]) for c in report["cases"])
+    if log:
+        log(f"  max abs diff {report['max_abs_diff']:.3g}, min cosine {report['min_cosine']:.8f}: "
+            f"{'passed' if report['passed'] else 'FAILED'}")
     return report
 
 

@@ -54,12 +54,15 @@ def load(path: str | Path | None = None, backend: str = "torch", device=None, dt
     ``path`` None: the packaged default model, dewey-mini (a checkpoint folder: torch backend; export it
     with ``dewey-export`` for the others).
 
-    backend ``torch``: a checkpoint folder; device ``cpu`` (default) or ``cuda[:N]``; dtype ``float32``
-    (default) or ``bfloat16``.
+    ``dtype`` names a precision in any spelling of ``runtimes.precision``: ``fp32``/``float32``,
+    ``bf16``/``bfloat16``, ``fp16``/``float16``, or a torch or numpy dtype.
+
+    backend ``torch``: a checkpoint folder; device ``cpu`` (default) or ``cuda[:N]``; dtype ``fp32``
+    (default) or ``bf16``.
     backend ``onnx``: an export folder (``dewey-export --to onnx``); device ``cpu`` (default),
-    ``cuda[:N]`` or ``tensorrt[:N]`` (ONNX Runtime execution providers); options ``providers``,
-    ``intra_op_num_threads``, ``session_options``, ``tensorrt_options``.
-    backend ``trt``: a ``dewey-export --to trt`` folder; device ``cuda[:N]``.
+    ``cuda[:N]`` or ``tensorrt[:N]`` (ONNX Runtime execution providers); dtype None or the graph's
+    precision; options ``providers``, ``intra_op_num_threads``, ``session_options``, ``tensorrt_options``.
+    backend ``trt``: a ``dewey-export --to trt`` folder; device ``cuda[:N]``; no dtype (the engine's).
 
     An export folder's files are compared with its manifest before any of them is read: each listed file
     must have its recorded size and sha256, or ModelFileError names it. Hashing reads every file once
@@ -75,7 +78,7 @@ def load(path: str | Path | None = None, backend: str = "torch", device=None, dt
         check_export_files(path, hashes=verify_files)
     config = load_config(path)
     tokenizer = DeweyTokenizer.from_folder(path, config)
-    engine = backend_class.from_folder(path, config=config, device=device, dtype=dtype, **backend_options)
+    engine = backend_class.from_folder(path, device=device, dtype=dtype, **backend_options)
     if engine.vector_size != config.vector_size:
         raise ModelFileError(
             f"{path}: the {backend} model gives {engine.vector_size}-d vectors but config.json says "

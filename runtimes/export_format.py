@@ -5,8 +5,8 @@ limit), ``config.json``, ``tokenizer.json`` and the tokenizer's other files copi
 for TensorRT also ``model.plan`` and ``engine.json``, and ``dewey_export.json``: the manifest with the
 source checkpoint's hashes, opset, precision, I/O names and axes, tool versions, the parity report and
 the ``files`` table, the byte size and sha256 of every other file in the folder. ``check_export_files``
-compares a folder with that table before anything in it is read. Standard library only: services read
-it without torch.
+compares a folder with that table before anything in it is read. The precision is recorded in
+runtimes.precision's spelling (fp32, fp16, bf16). No torch: services read it without torch installed.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from pathlib import Path
 
 from .config import CONFIG_FILE, ModelFileError
 from .files import atomic_path
+from .precision import PRECISIONS
 from .tokenization import TOKENIZER_FILE
 
 MANIFEST_FILE = "dewey_export.json"
 ONNX_FILE = "model.onnx"
 # 2: the "files" table (size and sha256 of every file) replaced format 1's onnx bytes/sha256.
 MANIFEST_FORMAT = 2
-PRECISIONS = ("float32", "float16", "bfloat16")
 # Files every export folder holds and the runtime reads: the table must list them.
 REQUIRED_FILES = (CONFIG_FILE, TOKENIZER_FILE, ONNX_FILE)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -162,7 +162,7 @@ def _check_fields(manifest: dict, path: Path) -> None:
     _field(source, "sha256", "source.sha256", "an object of file names to sha256 digests",
            lambda v: isinstance(v, dict) and all(isinstance(h, str) for h in v.values()), path)
     _field(manifest, "onnx", "onnx", "an object", _is_object, path)
-    _field(manifest, "precision", "precision", f"one of {PRECISIONS}", lambda v: v in PRECISIONS, path)
+    _field(manifest, "precision", "precision", f"one of {', '.join(PRECISIONS)}", lambda v: v in PRECISIONS, path)
     parity = _field(manifest, "parity", "parity", "an object", _is_object, path)
     if "passed" in parity:
         _field(parity, "passed", "parity.passed", "true or false", lambda v: isinstance(v, bool), path)

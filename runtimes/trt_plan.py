@@ -1,18 +1,16 @@
-"""TensorRT engine planning without TensorRT: optimization profiles, precision plans, engine metadata.
+"""TensorRT engine planning without TensorRT: optimization profiles and engine metadata.
 
-This module owns the decisions a TensorRT build and a TensorRT backend must agree on, as plain data
-that can be tested on a machine with no GPU and no ``tensorrt`` package:
+This module owns what a TensorRT build and the TensorRT backend must agree on, as plain data that can
+be tested on a machine with no GPU and no ``tensorrt`` package:
 
 - optimization profiles from length buckets (``parse_buckets``, ``plan_profiles``, ``select_profile``):
   which (batch, sequence, chunks) shapes an engine accepts and which profile serves a given shape;
-- the precision plan for a TensorRT version (``precision_plan``): builder flags and the element type of
-  the ONNX graph handed to the parser, which differ between TensorRT 10 (weak typing) and 11 (strong
-  typing only);
 - the engine's metadata file (``EngineMetadata``, ``engine.json`` beside ``model.plan``) and the check
   that an engine may run on this machine (``check_engine_compatible``).
 
-The code that imports ``tensorrt`` (builder and backend) applies these plans; it makes no choice of
-its own. Standard library only.
+What only the builder decides (builder flags and fp32 layers by TensorRT version) is in
+``dewey_export.trt_precision``. The code that imports ``tensorrt`` (builder and backend) applies these
+plans; it makes no choice of its own. Neither torch nor tensorrt is imported here.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .export_format import INPUTS
+from .precision import PRECISIONS
 from .files import atomic_path
 from .validation import require_int
 
@@ -263,24 +262,8 @@ def select_profile(profiles, batch: int, seq: int, chunks: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Precision by TensorRT version
+# TensorRT versions
 # ---------------------------------------------------------------------------------------------------
-
-PRECISIONS = ("fp32", "fp16", "bf16")
-ONNX_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-# tensorrt.LayerType names pinned to fp32 under TensorRT 10 weak typing (layer.precision and its output
-# types set to float32, enforced by OBEY_PRECISION_CONSTRAINTS):
-# - NORMALIZATION: LayerNorm's variance sums squares over the hidden size and overflows fp16 after
-#   attention. TensorRT itself warns "Running layernorm after self-attention in FP16 may cause overflow
-#   ... forcing layernorm layers to run in FP32 precision can help" (quoted in pytorch/TensorRT#2730).
-# - SOFTMAX: exponentials of attention scores (the unfused MatMul/Softmax form of opset 18).
-# - REDUCE, CUMULATIVE: the span pooling's sums over up to 131,072 tokens (prefix sums in the graph)
-#   leave fp16's range (65,504) and bf16's precision (8 bits).
-# Not reachable by kind: the rotary angles (position x inv_freq, a MatMul/Mul like every GEMM).
-# Positions above 65,504 overflow fp16 and above 256 lose integers in bf16, so the builder must pin the
-# layers that compute them by name, or the graph must keep them fp32 (as the strongly typed graph of
-# TensorRT 11 does).
-FP32_LAYER_KINDS = ("NORMALIZATION", "SOFTMAX", "REDUCE", "CUMULATIVE")
 
 _VERSION_RE = re.compile(
     r"^\s*(\d+)\.(\d+)(?:\.(\d+))?(?:\.(\d+))?"      # major.minor[.patch[.build]]
@@ -296,50 +279,6 @@ def parse_tensorrt_version(version: str) -> tuple[int, int, int, int]:
     if match is None:
         raise ValueError(f"cannot read the TensorRT version {version!r}: expected MAJOR.MINOR[.PATCH[.BUILD]]")
     return tuple(int(part or 0) for part in match.groups())
-
-
-@dataclass(frozen=True)
-class PrecisionPlan:
-    """How to build an engine of one precision on one TensorRT version.
-
-    ``builder_flags`` are ``tensorrt.BuilderFlag`` member names to set, ``cleared_builder_flags`` ones to
-    clear; ``strongly_typed`` asks for ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; ``onnx_precision``
-    is the float element type the ONNX graph given to the parser must carry; ``fp32_layers`` are
-    ``tensorrt.LayerType`` names to pin to fp32 (weak typing only).
-    """
-
-    precision: str
-    builder_flags: tuple[str, ...]
-    strongly_typed: bool
-    onnx_precision: str
-    fp32_layers: tuple[str, ...] = ()
-    cleared_builder_flags: tuple[str, ...] = ()
-
-
-def precision_plan(precision: str, tensorrt_version: str) -> PrecisionPlan:
-    """The precision plan for ``precision`` (fp32 | fp16 | bf16) on TensorRT ``tensorrt_version``.
-
-    TensorRT 10 (weak typing): the parser gets the fp32 graph; ``FP16`` or ``BF16`` lets the builder pick
-    reduced-precision kernels, and ``OBEY_PRECISION_CONSTRAINTS`` holds the layers in
-    ``FP32_LAYER_KINDS`` at fp32. TensorRT 11 removed ``BuilderFlag.FP16/BF16`` and
-    ``OBEY/PREFER_PRECISION_CONSTRAINTS`` ("Strong typing (always enforced)", NVIDIA's 10.x -> 11.x
-    migration guide, Removed Python APIs): no precision flags, a strongly typed network, and the ONNX
-    graph itself is fp16/bf16 with LayerNorm, softmax and rotary kept fp32 inside it (made by another
-    module). fp32 on either: an fp32 graph and ``TF32`` cleared, since TensorRT may use TF32 tensor cores
-    for fp32 matmuls by default (10-bit mantissa), which would break fp32 parity with PyTorch.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    major = parse_tensorrt_version(tensorrt_version)[0]
-    if major < 10:
-        raise ValueError(f"TensorRT >= 10 required, found {tensorrt_version}")
-    strong = major >= 11
-    if precision == "fp32":
-        return PrecisionPlan("fp32", (), strong, "float32", (), ("TF32",))
-    if strong:
-        return PrecisionPlan(precision, (), True, ONNX_TYPES[precision])
-    flag = "FP16" if precision == "fp16" else "BF16"
-    return PrecisionPlan(precision, (flag, "OBEY_PRECISION_CONSTRAINTS"), False, "float32", FP32_LAYER_KINDS)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def test_export_passes_verification_and_records_it(onnx_export, checkpoint):
     names = [case["name"] for case in parity["cases"]]
     assert {"batch1_len16", "batch1_len128", "batch1_len300"} <= set(names)
     assert any(name.startswith("padded_batch") for name in names)
-    assert manifest["onnx"]["opset"] == 18 and manifest["precision"] == "float32"
+    assert manifest["onnx"]["opset"] == 18 and manifest["precision"] == "fp32"
     assert manifest["source"]["sha256"]["model.safetensors"] == sha256_file(checkpoint / "model.safetensors")
     assert manifest["files"][ONNX_FILE] == {"bytes": (onnx_export / ONNX_FILE).stat().st_size,
                                             "sha256": sha256_file(onnx_export / ONNX_FILE)}
@@ -215,6 +215,21 @@ def test_onnx_backend_rejects_damaged_or_foreign_files(onnx_export, tmp_path):
 
 
 
+def test_onnx_backend_takes_the_graph_precision_in_any_spelling(onnx_export):
+    """dtype="fp32", as the torch backend and the CLI spell it, loads an fp32 graph (it was refused)."""
+    import torch
+
+    for dtype in ("fp32", "float32", np.float32, torch.float32):
+        assert runtimes.load(onnx_export, backend="onnx", dtype=dtype).encode(["any spelling"]).shape == (1, 48)
+
+
+@pytest.mark.parametrize("dtype, error", [("bf16", "graph of precision fp32"), ("float16", "graph of precision fp32"),
+                                          ("int8", "precision must be one of")])
+def test_onnx_backend_refuses_another_precision(onnx_export, dtype, error):
+    with pytest.raises(ValueError, match=error):
+        runtimes.load(onnx_export, backend="onnx", dtype=dtype)
+
+
 def test_loading_a_checkpoint_with_the_onnx_backend_says_to_export(checkpoint):
     with pytest.raises(runtimes.ModelFileError, match="export the checkpoint first"):
         runtimes.load(checkpoint, backend="onnx")
@@ -278,7 +293,7 @@ def test_reduced_precision_graph_keeps_norms_softmax_and_rotary_in_fp32(checkpoi
     assert sum(i.data_type == low for i in big_weights) > len(big_weights) / 2
     assert {o.type.tensor_type.elem_type for o in model.graph.output} == {onnx.TensorProto.FLOAT}
     manifest = manifest_of(result.folder)
-    assert manifest["precision"] == {"fp16": "float16", "bf16": "bfloat16"}[precision]
+    assert manifest["precision"] == precision
     assert manifest["attention"]["pooling"] == "centered_float32"
     if precision == "fp16":
         assert manifest["parity"]["passed"] and manifest["parity"]["min_cosine"] >= 0.999

@@ -138,16 +138,20 @@ def test_engine_folder_lists_the_engine_files_and_load_checks_them(checkpoint, t
     """build_engine_folder's staging and manifest, with a stand-in for TensorRT and the GPU (none here)."""
     import types
 
-    from runtimes.trt_plan import ENGINE_FILE, METADATA_FILE
+    from runtimes.trt_plan import ENGINE_FILE, METADATA_FILE, EngineMetadata
 
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.14.1.48"))
     monkeypatch.setattr(trt_build, "tensorrt_status", lambda: None)
     monkeypatch.setattr(trt_build, "gpu_identity", lambda: ("Stand-in GPU", "9.0"))
-    monkeypatch.setattr(trt_build, "_build", lambda *args: b"serialized engine")
+    monkeypatch.setattr(trt_build, "_serialize_engine", lambda *args: b"serialized engine")
     settings = trt_build.EngineBuildSettings(buckets="512x8")
-    out = trt_build.build_engine_folder(checkpoint, tmp_path / "engine", settings, log=lambda m: None)
+    result = trt_build.build_engine_folder(checkpoint, tmp_path / "engine", settings, verify=False,
+                                           log=lambda m: None)
+    out = result.folder
     manifest = check_export_files(out)
     assert {ENGINE_FILE, METADATA_FILE, ONNX_FILE} <= set(manifest["files"]) and manifest["files"] == file_table(out)
+    assert manifest["precision"] == "fp32" and EngineMetadata.read(out).precision == "fp16"  # TensorRT 10: fp32 graph
+    assert result.parity == manifest["tensorrt_parity"] and manifest["tensorrt_parity"]["skipped"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
     (out / ENGINE_FILE).write_bytes(b"serialized enginf")
     with pytest.raises(ExportFilesChanged, match="model.plan: sha256 differs"):

@@ -1,5 +1,6 @@
-"""TensorRT planning without TensorRT: profiles from length buckets, precision by TensorRT version,
-engine metadata and the compatibility check (runtimes.trt_plan).
+"""TensorRT planning without TensorRT: profiles from length buckets, engine metadata and the
+compatibility check (runtimes.trt_plan), precision names (runtimes.precision) and the builder's
+precision plan by TensorRT version (dewey_export.trt_precision).
 
 No GPU and no ``tensorrt`` here: the installed TensorRT version is faked as a string, which is all the
 builder and backend read from it.
@@ -9,18 +10,21 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
+from dewey_export.trt_precision import FP32_LAYER_KINDS, PrecisionPlan, precision_plan
+from runtimes.chunking import token_windows
+from runtimes.export_format import INPUTS
+from runtimes.precision import FULL_NAMES, PRECISIONS, precision_name
 from runtimes.trt_plan import (
     DEFAULT_BUCKETS,
     DEFAULT_TOKEN_BUDGET,
     ENGINE_FILE,
-    FP32_LAYER_KINDS,
     METADATA_FILE,
     REBUILD_COMMAND,
     EngineMetadata,
     EngineMismatchError,
-    PrecisionPlan,
     Profile,
     check_engine_compatible,
     format_buckets,
@@ -28,11 +32,8 @@ from runtimes.trt_plan import (
     parse_buckets,
     parse_tensorrt_version,
     plan_profiles,
-    precision_plan,
     select_profile,
 )
-from runtimes.chunking import token_windows
-from runtimes.export_format import INPUTS
 
 MAX_POSITIONS = 131072
 
@@ -222,6 +223,38 @@ def test_parse_buckets_errors(text, message):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Precision names
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spelling, name", [
+    ("fp32", "fp32"), ("float32", "fp32"), (np.float32, "fp32"), (np.dtype("float32"), "fp32"),
+    ("fp16", "fp16"), ("float16", "fp16"), (np.float16, "fp16"), (np.dtype("float16"), "fp16"),
+    ("bf16", "bf16"), ("bfloat16", "bf16"),
+])
+def test_precision_name_accepts_every_alias(spelling, name):
+    assert precision_name(spelling) == name
+
+
+def test_precision_name_accepts_torch_dtypes():
+    torch = pytest.importorskip("torch")
+    assert [precision_name(getattr(torch, full)) for full in FULL_NAMES.values()] == list(PRECISIONS)
+    assert precision_name(torch.half) == "fp16"
+
+
+def test_precision_name_accepts_the_bfloat16_numpy_type():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    assert precision_name(ml_dtypes.bfloat16) == "bf16"
+
+
+@pytest.mark.parametrize("value", ["int8", "FP16", "float", "float64", "torch.float32", "", None, 16, True,
+                                   np.float64, float, object()])
+def test_precision_name_refuses_anything_else(value):
+    with pytest.raises(ValueError, match="precision must be one of fp32, fp16, bf16"):
+        precision_name(value)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Precision plan by TensorRT version
 # ----------------------------------------------------------------------------------------------------
 
@@ -233,18 +266,18 @@ TRT11 = ["11.0.0.post1", "11.3.0", "11.4.1.2"]
 @pytest.mark.parametrize("precision, flag", [("fp16", "FP16"), ("bf16", "BF16")])
 def test_trt10_weak_typing_uses_builder_flags_on_an_fp32_graph(version, precision, flag):
     plan = precision_plan(precision, version)
-    assert plan == PrecisionPlan(precision, (flag, "OBEY_PRECISION_CONSTRAINTS"), False, "float32",
+    assert plan == PrecisionPlan(precision, (flag, "OBEY_PRECISION_CONSTRAINTS"), False, "fp32",
                                  FP32_LAYER_KINDS, ())
     assert {"NORMALIZATION", "SOFTMAX"} <= set(plan.fp32_layers)
 
 
 @pytest.mark.parametrize("version", TRT11)
-@pytest.mark.parametrize("precision, onnx_type", [("fp16", "float16"), ("bf16", "bfloat16")])
-def test_trt11_strong_typing_puts_precision_in_the_graph(version, precision, onnx_type):
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_trt11_strong_typing_puts_precision_in_the_graph(version, precision):
     plan = precision_plan(precision, version)
     assert plan.builder_flags == ()
     assert plan.strongly_typed is True
-    assert plan.onnx_precision == onnx_type
+    assert plan.graph_precision == precision
     assert plan.fp32_layers == ()
     # None of the flags TensorRT 11 removed may appear.
     removed = {"FP16", "BF16", "INT8", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS"}
@@ -254,7 +287,7 @@ def test_trt11_strong_typing_puts_precision_in_the_graph(version, precision, onn
 @pytest.mark.parametrize("version, strong", [(v, False) for v in TRT10] + [(v, True) for v in TRT11])
 def test_fp32_has_no_precision_flags_and_no_tf32(version, strong):
     plan = precision_plan("fp32", version)
-    assert plan == PrecisionPlan("fp32", (), strong, "float32", (), ("TF32",))
+    assert plan == PrecisionPlan("fp32", (), strong, "fp32", (), ("TF32",))
 
 
 @pytest.mark.parametrize("version", ["8.6.1", "9.3.0.post12.dev1", "7.2.3.4"])
@@ -269,10 +302,14 @@ def test_unreadable_versions_rejected(version):
         precision_plan("fp16", version)
 
 
-@pytest.mark.parametrize("precision", ["int8", "FP16", "float16", "", None])
+@pytest.mark.parametrize("precision", ["int8", "FP16", "", None])
 def test_unknown_precision_rejected(precision):
     with pytest.raises(ValueError, match="precision must be one of fp32, fp16, bf16"):
         precision_plan(precision, "10.14.1.48")
+
+
+def test_precision_plan_takes_any_spelling():
+    assert precision_plan("bfloat16", "11.3.0") == precision_plan("bf16", "11.3.0")
 
 
 @pytest.mark.parametrize("text, parsed", [

@@ -12,6 +12,7 @@ its heavy dependencies (torch, onnxruntime, tensorrt) cost nothing to users of t
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -29,6 +30,12 @@ class Backend(Protocol):
     name: str
     vector_size: int
 
+    @classmethod
+    def from_folder(cls, folder: str | Path, device=None, dtype=None, **options) -> Backend:
+        """The backend for a model folder: a checkpoint (torch) or an export folder (onnx, trt). ``dtype``
+        is a precision in any spelling of runtimes.precision; ``options`` are the backend's own (the onnx
+        backend's providers and session settings; the others take none)."""
+
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, span_bounds: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]: ...
@@ -38,7 +45,7 @@ def available_backends() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
-def get_backend_class(name: str):
+def get_backend_class(name: str) -> type[Backend]:
     if name not in _BACKENDS:
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(_BACKENDS)}")
     target, install = _BACKENDS[name]

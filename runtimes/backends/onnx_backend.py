@@ -16,6 +16,7 @@ import numpy as np
 from ..config import ModelFileError
 from ..export_format import INPUTS, ONNX_FILE, OUTPUTS, read_manifest
 from ..memory import tune_for_length
+from ..precision import precision_name
 
 class ProviderUnavailableError(RuntimeError):
     """An execution provider that was asked for is missing from, or failed to start in, onnxruntime."""
@@ -138,9 +139,10 @@ class OnnxBackend:
             )
 
     @classmethod
-    def from_folder(cls, folder: str | Path, config=None, device=None, dtype=None, **options) -> "OnnxBackend":
+    def from_folder(cls, folder: str | Path, device=None, dtype=None, **options) -> "OnnxBackend":
         """The graph of an export folder; ``runtimes.load`` has compared the folder's files with the
-        manifest before this reads anything."""
+        manifest before this reads anything. ``dtype``, when given, must name the graph's precision (in
+        any spelling of runtimes.precision)."""
         folder = Path(folder)
         if not (folder / ONNX_FILE).is_file():
             raise ModelFileError(
@@ -148,10 +150,10 @@ class OnnxBackend:
                 f"dewey-export --model {folder} --to onnx --out EXPORT_DIR"
             )
         manifest = read_manifest(folder)
-        if dtype is not None and str(dtype) != manifest["precision"]:
+        if dtype is not None and precision_name(dtype) != manifest["precision"]:
             raise ValueError(
-                f"{folder} holds a {manifest['precision']} graph; the onnx backend runs the precision a "
-                f"graph was exported in, so dtype={dtype!r} cannot be honoured"
+                f"{folder} holds a graph of precision {manifest['precision']}; the onnx backend runs the "
+                f"precision a graph was exported in, so dtype={dtype!r} cannot be honoured"
             )
         if manifest["parity"].get("passed") is False:
             warnings.warn(

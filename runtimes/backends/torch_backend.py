@@ -14,8 +14,10 @@ import torch
 from ..attention import set_length_policy
 from ..memory import tune_for_length
 from ..modeling import DeweyModel, reduce_precision
+from ..precision import FULL_NAMES, precision_name
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# What this backend runs: fp16 overflows in Dewey's activations (its authors run it in bf16).
+TORCH_PRECISIONS = ("fp32", "bf16")
 
 
 def resolve_device(device) -> torch.device:
@@ -27,14 +29,17 @@ def resolve_device(device) -> torch.device:
     return device
 
 
+def torch_dtype(precision) -> torch.dtype:
+    """The torch dtype of a precision in any spelling of runtimes.precision."""
+    return getattr(torch, FULL_NAMES[precision_name(precision)])
+
+
 def resolve_dtype(dtype) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    """The backend's dtype: fp32 when None, else fp32 or bf16 in any spelling."""
+    precision = "fp32" if dtype is None else precision_name(dtype)
+    if precision not in TORCH_PRECISIONS:
+        raise ValueError(f"the torch backend runs {' or '.join(TORCH_PRECISIONS)} (fp16 overflows), got {dtype!r}")
+    return torch_dtype(precision)
 
 
 class TorchBackend:
@@ -49,11 +54,11 @@ class TorchBackend:
         self.vector_size = model.vector_size
 
     @classmethod
-    def from_folder(cls, folder: str | Path, config=None, device=None, dtype=None) -> "TorchBackend":
+    def from_folder(cls, folder: str | Path, device=None, dtype=None) -> "TorchBackend":
         return cls(DeweyModel.from_pretrained(folder), device=device, dtype=dtype)
 
     def __repr__(self) -> str:
-        return f"TorchBackend(device={str(self.device)!r}, dtype={str(self.dtype).removeprefix('torch.')!r})"
+        return f"TorchBackend(device={str(self.device)!r}, dtype={precision_name(self.dtype)!r})"
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, span_bounds: np.ndarray):
         tune_for_length(np.shape(input_ids)[-1])  # long rows: freed activations go back to the system

@@ -56,7 +56,7 @@ class TensorRTBackend:
         self.vector_size = int(self.engine.get_tensor_shape("cls")[-1])
 
     @classmethod
-    def from_folder(cls, folder, config=None, device=None, dtype=None) -> "TensorRTBackend":
+    def from_folder(cls, folder, device=None, dtype=None) -> "TensorRTBackend":
         if dtype is not None:
             raise ValueError("the trt backend runs the precision its engine was built in (engine.json); drop dtype")
         return cls(folder, device=device)

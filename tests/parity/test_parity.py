@@ -46,7 +46,9 @@ def _build_tensorrt(checkpoint, tmp_path_factory, precision: str):
     folder = tmp_path_factory.mktemp("trt") / f"engine-{precision}"
     # Small buckets: enough for the parity texts (a few thousand tokens), quick to build.
     settings = EngineBuildSettings(precision=precision, buckets="512x8,8192x2")
-    return runtimes.load(build_engine_folder(checkpoint, folder, settings, log=lambda m: None), backend="trt")
+    # Not verified by the builder: this suite is the comparison.
+    result = build_engine_folder(checkpoint, folder, settings, verify=False, log=lambda m: None)
+    return runtimes.load(result.folder, backend="trt")
 
 
 def _fp16_export(checkpoint, tmp_path_factory):
@@ -59,19 +61,19 @@ def _fp16_export(checkpoint, tmp_path_factory):
 # name -> (probe returning a skip reason or None, loader(checkpoint, request), precision of its vectors)
 CANDIDATES = {
     "onnx-cpu": (_onnx_provider_probe("CPUExecutionProvider"),
-                 lambda ckpt, req: runtimes.load(req.getfixturevalue("onnx_export"), backend="onnx"), "float32"),
+                 lambda ckpt, req: runtimes.load(req.getfixturevalue("onnx_export"), backend="onnx"), "fp32"),
     "onnx-cpu-fp16": (_onnx_provider_probe("CPUExecutionProvider"),
-                      lambda ckpt, req: _fp16_export(ckpt, req.getfixturevalue("tmp_path_factory")), "float16"),
+                      lambda ckpt, req: _fp16_export(ckpt, req.getfixturevalue("tmp_path_factory")), "fp16"),
     "onnx-cuda": (_onnx_provider_probe("CUDAExecutionProvider"),
                   lambda ckpt, req: runtimes.load(req.getfixturevalue("onnx_export"), backend="onnx", device="cuda"),
-                  "float32"),
-    "torch-cuda": (_cuda_probe, lambda ckpt, req: runtimes.load(ckpt, backend="torch", device="cuda"), "float32"),
+                  "fp32"),
+    "torch-cuda": (_cuda_probe, lambda ckpt, req: runtimes.load(ckpt, backend="torch", device="cuda"), "fp32"),
     "tensorrt-fp32": (_tensorrt_probe,
                       lambda ckpt, req: _build_tensorrt(ckpt, req.getfixturevalue("tmp_path_factory"), "fp32"),
-                      "float32"),
+                      "fp32"),
     "tensorrt-fp16": (_tensorrt_probe,
                       lambda ckpt, req: _build_tensorrt(ckpt, req.getfixturevalue("tmp_path_factory"), "fp16"),
-                      "float16"),
+                      "fp16"),
 }
 
 
