@@ -1,7 +1,8 @@
 """dewey_train: chunk-alignment distillation of Dewey students.
 
 - ``data``: text sources, the built-in stdlib corpus, the stable train / held-out split;
-- ``examples``: pieces, seeded training chunks (from ``runtimes.chunking``) and teacher targets;
+- ``samples``: pieces, seeded training chunks (``encode_chunks``' own, from ``runtimes.chunking``) and
+  teacher targets;
 - ``teacher``: a sentence-transformers teacher behind an SQLite vector cache;
 - ``losses``: cosine and similarity-matrix losses; ``trainer``: the loop, DDP, checkpoints, resume;
 - ``evaluation``: teacher agreement, metrics, long-document retrieval, passkey / needle tasks and

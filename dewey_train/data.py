@@ -25,6 +25,8 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from runtimes.testing import python_doc_topics
+
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl",)
 STDLIB = "stdlib"
@@ -150,11 +152,9 @@ def _module_document(path: Path, module: str, seen: set[str]) -> str | None:
 
 def stdlib_corpus() -> Iterator[str]:
     """The built-in corpus: Python documentation topics, then one document per standard-library module."""
-    from pydoc_data.topics import topics
-
     seen: set[str] = set()
-    for key in sorted(topics):
-        text = topics[key].strip()
+    for topic in python_doc_topics():
+        text = topic.strip()
         normalised = _normalise_space(text)
         if len(normalised) >= _MIN_DOCSTRING_CHARS and normalised not in seen:
             seen.add(normalised)

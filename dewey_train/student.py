@@ -18,17 +18,22 @@ Model2Vec's; the code here is ours.)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
 
-from runtimes.config import DEWEY_INSTRUCTION_TOKENS, DEWEY_PROMPTS
+from runtimes.config import DEWEY_INSTRUCTION_TOKENS
 from runtimes.files import atomic_path
+from runtimes.testing import dewey_config_dict
 from runtimes.tokenization import TOKENIZER_FILE, read_tokenizer_file
 
 from .config import StudentShape
 
 _VOCAB_MULTIPLE = 64  # embedding rows padded to a multiple of 64 (faster matmuls; ModernBERT does the same)
+_MODERNBERT_INITIALIZER_RANGE = 0.02  # ModernBERT's own initialisation scale
+# StudentShape fields that say how to build the student, not what its config.json holds.
+_BUILD_ONLY_FIELDS = ("tokenizer", "embedding_init")
 _TEACHER_EMBEDDING_KEYS = ("embeddings.word_embeddings.weight", "bert.embeddings.word_embeddings.weight",
                            "0.auto_model.embeddings.word_embeddings.weight")
 
@@ -49,36 +54,15 @@ def _special_id(tokenizer, candidates: tuple[str, ...]) -> int:
 
 
 def student_config(shape: StudentShape, tokenizer) -> dict:
+    """The new student's config.json dict: ``shape`` on the tokenizer's vocabulary and special tokens."""
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     vocab = -(-vocab // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
     cls_id = _special_id(tokenizer, ("[CLS]", "<s>", "<cls>"))
     sep_id = _special_id(tokenizer, ("[SEP]", "</s>", "<sep>"))
     pad_id = _special_id(tokenizer, ("[PAD]", "<pad>"))
-    return {
-        "model_type": "modernbert",
-        "architectures": ["ModernBertModel"],
-        "vocab_size": vocab,
-        "hidden_size": shape.hidden_size,
-        "intermediate_size": shape.intermediate_size,
-        "num_hidden_layers": shape.num_hidden_layers,
-        "num_attention_heads": shape.num_attention_heads,
-        "local_attention": shape.local_attention,
-        "global_attn_every_n_layers": shape.global_attn_every_n_layers,
-        "global_rope_theta": shape.global_rope_theta,
-        "local_rope_theta": shape.local_rope_theta,
-        "max_position_embeddings": shape.max_position_embeddings,
-        "norm_eps": 1e-5,
-        "initializer_range": 0.02,
-        "cls_token_id": cls_id,
-        "bos_token_id": cls_id,
-        "sep_token_id": sep_id,
-        "eos_token_id": sep_id,
-        "pad_token_id": pad_id,
-        "vector_size": shape.vector_size,
-        "single_vector_type": shape.single_vector_type,
-        "prompts": dict(DEWEY_PROMPTS),
-        "instruction_tokens": list(DEWEY_INSTRUCTION_TOKENS),
-    }
+    architecture = {k: v for k, v in dataclasses.asdict(shape).items() if k not in _BUILD_ONLY_FIELDS}
+    return dewey_config_dict(vocab, cls_id, sep_id, pad_id, initializer_range=_MODERNBERT_INITIALIZER_RANGE,
+                             **architecture)
 
 
 def teacher_pca_embeddings(teacher_path: Path, rows: int, width: int):

@@ -46,8 +46,8 @@ from runtimes.tokenization import DeweyTokenizer
 
 from .config import TrainConfig, config_from_dict
 from .data import split_documents
-from .examples import Example, ExampleBuilder, attach_targets, split_into_pieces
 from .losses import distillation_loss
+from .samples import Sample, SampleBuilder, attach_targets, split_into_pieces
 from .student import build_student
 from .teacher import Teacher
 
@@ -383,11 +383,11 @@ def keep_metrics_until(path: Path, step: int, log) -> None:
 
 
 def prepare_examples(cfg: TrainConfig, tokenizer: DeweyTokenizer, teacher: Teacher, variants: int, rank: int,
-                     world: int, log) -> list[list[Example]]:
+                     world: int, log) -> list[list[Sample]]:
     """Examples of every chunking variant with teacher targets. Ranks split the teacher's work (each
     embeds its share into the shared cache), then every rank reads all targets from the cache."""
     train_docs, heldout = split_documents(cfg.data, cfg.heldout_fraction)
-    builder = ExampleBuilder(tokenizer, cfg, teacher.max_tokens)
+    builder = SampleBuilder(tokenizer, cfg, teacher.max_tokens)
     pieces = split_into_pieces(train_docs, tokenizer, builder.budget, cfg.min_text_tokens)
     if not pieces:
         raise ValueError(f"no training text: {len(train_docs)} documents, none with {cfg.min_text_tokens}+ tokens")
@@ -406,7 +406,7 @@ def prepare_examples(cfg: TrainConfig, tokenizer: DeweyTokenizer, teacher: Teach
     return per_variant
 
 
-def make_batch(examples: list[Example], pad_token_id: int, device):
+def make_batch(examples: list[Sample], pad_token_id: int, device):
     ids, mask, bounds = pad_batch([e.row for e in examples], [e.spans for e in examples], pad_token_id)
     counts = torch.tensor([len(e.spans) for e in examples])
     valid = torch.arange(bounds.shape[1]).unsqueeze(0) < counts.unsqueeze(1)
@@ -582,7 +582,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, device: str = "cpu"
     return final
 
 
-def batch_loss(student: Student, examples: list[Example], cfg: TrainConfig, pad_token_id: int) -> float:
+def batch_loss(student: Student, examples: list[Sample], cfg: TrainConfig, pad_token_id: int) -> float:
     """The loss of a fixed batch, without gradients (tests and diagnostics)."""
     ids, mask, bounds, valid, cls_t, chunk_t, _ = make_batch(examples, pad_token_id, "cpu")
     with torch.no_grad():

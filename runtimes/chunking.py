@@ -17,7 +17,12 @@ maps back to a slice of the caller's original string.
   semantic-text-splitter library finds them with the model's own tokenizer counting the size; overlap
   in tokens. The library measures each chunk tokenized alone; inside the whole text a boundary token
   can tokenize differently, so a chunk that comes out longer than ``chunk_size`` in context is split
-  into windows: a span never exceeds ``chunk_size`` and no token is left out.
+  into windows: a span never exceeds ``chunk_size`` and no token is left out. A text the library finds
+  no chunk in (it trims whitespace, so one whose kept tokens are all whitespace) gets the ``tokens``
+  windows, with the same overlap.
+
+``chunk_spans`` is the one entry point: ``Encoder.encode_chunks`` and the training samples of
+``dewey_train`` both call it, so a training chunk is exactly an ``encode_chunks`` chunk.
 """
 
 from __future__ import annotations
@@ -98,6 +103,26 @@ def word_windows(starts: np.ndarray, n_tokens: int, chunk_size: int, chunk_overl
         start = next((int(c) for c in candidates if window_end(int(c)) > end), end)
         end = window_end(start)
     return np.asarray(spans, dtype=np.int64)
+
+
+def chunk_spans(
+    text: str, offsets: np.ndarray, chunk_size: int, chunk_overlap: int, splitter: str, recursive: RecursiveSplitter
+) -> np.ndarray:
+    """Token spans of the chunks of ``text`` whose kept tokens have character ``offsets`` [n, 2] (the first
+    n tokens of the text: tokens cut by truncation are not passed), by ``splitter`` (module docstring);
+    ``recursive`` serves ``splitter="recursive"``. Returns int64 [n_chunks, 2]."""
+    n_tokens = len(offsets)
+    if splitter == "words":
+        return word_windows(word_starts(text, offsets), n_tokens, chunk_size, chunk_overlap)
+    if splitter == "recursive":
+        # Split only the text that survived truncation: up to the end of the last kept token.
+        visible = text[: int(offsets[-1, 1])]
+        ranges = recursive.char_ranges(visible, chunk_size, chunk_overlap)
+        spans = spans_from_char_ranges(offsets, ranges, chunk_size, chunk_overlap)
+        if len(spans):
+            return spans
+    # splitter "tokens", or a recursive split that found no chunk
+    return token_windows(n_tokens, chunk_size, chunk_overlap)
 
 
 def spans_from_char_ranges(offsets: np.ndarray, char_ranges, chunk_size: int, chunk_overlap: int = 0) -> np.ndarray:

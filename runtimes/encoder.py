@@ -14,9 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, pad_batch, plan_batches
-from .chunking import (
-    RecursiveSplitter, char_spans, check_chunk_args, spans_from_char_ranges, token_windows, word_starts, word_windows,
-)
+from .chunking import RecursiveSplitter, char_spans, check_chunk_args, chunk_spans
 from .config import SINGLE_VECTOR_TYPES, DeweyConfig
 from .tokenization import DeweyTokenizer, TextTokens, check_texts
 from .validation import require_bool, require_int
@@ -44,13 +42,27 @@ class ChunkedDocument:
     truncated_tokens: int = 0
 
 
-def check_flags(normalize, truncate, show_progress) -> tuple[bool, bool, bool | None]:
-    """The switches of encode and encode_chunks, each a bool (show_progress may be None: automatic)."""
-    return (
-        require_bool("normalize", normalize),
-        require_bool("truncate", truncate),
-        require_bool("show_progress", show_progress, allow_none=True),
-    )
+def one_spelling(name: str, value, alias: str, alias_value) -> tuple[str, object]:
+    """An option with two keyword spellings, the sentence-transformers ``name`` and this library's older
+    ``alias``: the spelling given and its value (None counts as not given). Both given raise TypeError:
+    which one was meant cannot be known."""
+    if value is not None and alias_value is not None:
+        raise TypeError(f"{name} and {alias} are two spellings of one option: pass only one of them")
+    return (alias, alias_value) if value is None else (name, value)
+
+
+@dataclass
+class _Job:
+    """One call's input, checked, tokenized and cut to fit: the rows the backend runs."""
+
+    texts: list[str]
+    single: bool  # a single string was given: return one result, not a list of them
+    tokens: list[TextTokens]
+    kept: list[int]  # text tokens kept per text; the rest were cut by truncation
+    rows: list[np.ndarray]  # int64: [CLS] prompt text[:kept] [SEP]
+    text_start: int  # row position of every text's first token
+    normalize: bool
+    show_progress: bool | None
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -81,38 +93,40 @@ class Encoder:
         prompt: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_length: int | None = None,
-        normalize: bool = True,
+        normalize: bool | None = None,
         show_progress: bool | None = None,
         truncate: bool = True,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        *,
+        normalize_embeddings: bool | None = None,
+        show_progress_bar: bool | None = None,
+        prompt_name: str | None = None,
     ) -> np.ndarray:
         """One vector per text: float32 [N, D] (or [D] for a single string), in input order.
 
         texts: a string, or a sequence of strings (list, tuple, 1-d numpy array); a dict, a set or an
         iterator raises TypeError (no order to match the vectors to), and an empty text or one holding
-        a lone surrogate raises ValueError naming its index. normalize, truncate: True or False;
-        show_progress: True, False or None (automatic).
+        a lone surrogate raises ValueError naming its index.
         mode: ``cls``, ``mean`` (text tokens only) or ``cls_add_mean`` =
         normalize(normalize(cls) + normalize(mean)); default: the model's ``single_vector_type``.
-        prompt: a prompt name of the model (``query``, ``passage``), a literal string, or None.
+        prompt_name: a prompt name of the model (``query``, ``passage``); prompt: such a name or a
+        literal prompt string. normalize_embeddings (alias normalize): True (the default) or False;
+        show_progress_bar (alias show_progress): True, False or None (automatic). Giving both spellings
+        of one option raises TypeError.
         truncate: cut texts longer than ``max_length`` (default: the model's maximum) and warn with a
         ``TruncationWarning``; with False such a text raises ValueError instead.
         """
         mode = self.config.single_vector_type if mode is None else mode
         if mode not in SINGLE_VECTOR_TYPES:
             raise ValueError(f"mode must be one of {SINGLE_VECTOR_TYPES}, got {mode!r}")
-        normalize, truncate, show_progress = check_flags(normalize, truncate, show_progress)
-        texts, single = check_texts(texts)
-        if not texts:
+        job = self._prepare(
+            texts, max_length, truncate, prompt=prompt, prompt_name=prompt_name, normalize=normalize,
+            normalize_embeddings=normalize_embeddings, show_progress=show_progress, show_progress_bar=show_progress_bar,
+        )
+        if job is None:
             return np.zeros((0, self.vector_size), dtype=np.float32)
-        prompt_ids = self.tokenizer.prompt_ids(prompt)
-        budget = self._text_budget(prompt_ids, max_length)
-        tokens = self.tokenizer.encode_texts(texts)
-        kept = self._apply_truncation(tokens, budget, truncate, max_length)
-        start = 1 + len(prompt_ids)
-        rows = [self.tokenizer.row(prompt_ids, t.ids[:n]) for t, n in zip(tokens, kept)]
-        spans = [np.array([[start, start + n]], dtype=np.int64) for n in kept]
-        cls, means = self._forward_rows(rows, spans, batch_size, max_batch_tokens, show_progress)
+        spans = [np.array([[job.text_start, job.text_start + n]], dtype=np.int64) for n in job.kept]
+        cls, means = self._forward_rows(job.rows, spans, batch_size, max_batch_tokens, job.show_progress)
         mean = np.stack([m[0] for m in means])
         if mode == "cls":
             out = cls
@@ -120,10 +134,10 @@ class Encoder:
             out = mean
         else:
             out = l2_normalize(cls) + l2_normalize(mean)
-        if normalize:
+        if job.normalize:
             out = l2_normalize(out)
         out = out.astype(np.float32, copy=False)
-        return out[0] if single else out
+        return out[0] if job.single else out
 
     def encode_chunks(
         self,
@@ -134,38 +148,40 @@ class Encoder:
         prompt: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_length: int | None = None,
-        normalize: bool = True,
+        normalize: bool | None = None,
         show_progress: bool | None = None,
         truncate: bool = True,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        *,
+        normalize_embeddings: bool | None = None,
+        show_progress_bar: bool | None = None,
+        prompt_name: str | None = None,
     ) -> list[ChunkedDocument] | ChunkedDocument:
         """Late chunking: one pass over each whole text, one vector per chunk (the mean of its tokens).
 
-        texts and the switches as for ``encode``. chunk_size and chunk_overlap count tokens of the
-        model's tokenizer; splitter is ``tokens`` (fixed windows on token ids), ``words`` (windows
-        ending at word boundaries) or ``recursive`` (paragraph, line, sentence, word boundaries).
+        texts, the prompt and the switches as for ``encode``. chunk_size and chunk_overlap count tokens
+        of the model's tokenizer; splitter is ``tokens`` (fixed windows on token ids), ``words``
+        (windows ending at word boundaries) or ``recursive`` (paragraph, line, sentence, word
+        boundaries); the spans come from ``runtimes.chunking.chunk_spans``.
         """
         check_chunk_args(chunk_size, chunk_overlap, splitter)
-        normalize, truncate, show_progress = check_flags(normalize, truncate, show_progress)
-        texts, single = check_texts(texts)
-        if not texts:
+        job = self._prepare(
+            texts, max_length, truncate, prompt=prompt, prompt_name=prompt_name, normalize=normalize,
+            normalize_embeddings=normalize_embeddings, show_progress=show_progress, show_progress_bar=show_progress_bar,
+        )
+        if job is None:
             return []
-        prompt_ids = self.tokenizer.prompt_ids(prompt)
-        budget = self._text_budget(prompt_ids, max_length)
-        tokens = self.tokenizer.encode_texts(texts)
-        kept = self._apply_truncation(tokens, budget, truncate, max_length)
-        start = 1 + len(prompt_ids)
-        rows, token_spans = [], []
-        for text, tok, n in zip(texts, tokens, kept):
-            rows.append(self.tokenizer.row(prompt_ids, tok.ids[:n]))
-            token_spans.append(self._chunk_spans(text, tok, n, chunk_size, chunk_overlap, splitter))
+        token_spans = [
+            chunk_spans(text, tok.offsets[:n], chunk_size, chunk_overlap, splitter, self._recursive)
+            for text, tok, n in zip(job.texts, job.tokens, job.kept)
+        ]
         _, chunk_vectors = self._forward_rows(
-            rows, [s + start for s in token_spans], batch_size, max_batch_tokens, show_progress
+            job.rows, [s + job.text_start for s in token_spans], batch_size, max_batch_tokens, job.show_progress
         )
         docs = []
-        for text, tok, n, spans, vectors in zip(texts, tokens, kept, token_spans, chunk_vectors):
+        for text, tok, n, spans, vectors in zip(job.texts, job.tokens, job.kept, token_spans, chunk_vectors):
             chars = char_spans(tok.offsets, spans)
-            if normalize:
+            if job.normalize:
                 vectors = l2_normalize(vectors)
             docs.append(
                 ChunkedDocument(
@@ -176,27 +192,53 @@ class Encoder:
                     truncated_tokens=len(tok.ids) - n,
                 )
             )
-        return docs[0] if single else docs
+        return docs[0] if job.single else docs
 
     # -- shared steps --------------------------------------------------------------------------
 
-    def _text_budget(self, prompt_ids: np.ndarray, max_length: int | None) -> int:
+    def _prepare(
+        self, texts, max_length, truncate, *, prompt, prompt_name, normalize, normalize_embeddings, show_progress,
+        show_progress_bar,
+    ) -> _Job | None:
+        """The common start of encode and encode_chunks: check the switches (each under either spelling)
+        and the texts, tokenize, truncate and lay out the rows. None for an empty sequence of texts."""
+        spelling, normalize = one_spelling("normalize_embeddings", normalize_embeddings, "normalize", normalize)
+        normalize = True if normalize is None else require_bool(spelling, normalize)
+        truncate = require_bool("truncate", truncate)
+        spelling, show_progress = one_spelling("show_progress_bar", show_progress_bar, "show_progress", show_progress)
+        show_progress = require_bool(spelling, show_progress, allow_none=True)
+        prompt_spelling, prompt = one_spelling("prompt_name", prompt_name, "prompt", prompt)
+        texts, single = check_texts(texts)
+        if not texts:
+            return None
+        prompt_ids = self.tokenizer.prompt_ids(prompt, name_only=prompt_spelling == "prompt_name")
+        max_length = self._max_length(max_length)
+        budget = self.tokenizer.text_budget(prompt_ids, max_length)
+        tokens = self.tokenizer.encode_texts(texts)
+        kept = self._apply_truncation(tokens, budget, truncate, max_length)
+        rows = [self.tokenizer.row(prompt_ids, t.ids[:n]) for t, n in zip(tokens, kept)]
+        return _Job(texts, single, tokens, kept, rows, 1 + len(prompt_ids), normalize, show_progress)
+
+    def _max_length(self, max_length: int | None) -> int:
+        """The row length asked for, checked against the model's positions (None: all of them)."""
         limit = self.config.max_position_embeddings
         if max_length is None:
-            max_length = limit
-        elif require_int("max_length", max_length, 1) > limit:
+            return limit
+        max_length = require_int("max_length", max_length, 1)
+        if max_length > limit:
             raise ValueError(f"max_length={max_length} exceeds the model's maximum of {limit} positions")
-        return self.tokenizer.text_budget(prompt_ids, max_length)
+        return max_length
 
-    def _apply_truncation(self, tokens: list[TextTokens], budget: int, truncate: bool, max_length) -> list[int]:
+    @staticmethod
+    def _apply_truncation(tokens: list[TextTokens], budget: int, truncate: bool, max_length: int) -> list[int]:
         """Text tokens kept per text; warn about the cut ones, or raise when truncation is off."""
         kept = [min(len(t.ids), budget) for t in tokens]
         cut = [i for i, (t, n) in enumerate(zip(tokens, kept)) if n < len(t.ids)]
         if cut and not truncate:
             i = cut[0]
             raise ValueError(
-                f"texts[{i}] has {len(tokens[i].ids)} tokens but only {budget} fit in max_length="
-                f"{max_length or self.config.max_position_embeddings} (with [CLS], [SEP] and the prompt); "
+                f"texts[{i}] has {len(tokens[i].ids)} tokens but only {budget} fit in max_length={max_length} "
+                "(with [CLS], [SEP] and the prompt); "
                 f"{len(cut)} text(s) are too long. Pass truncate=True to cut them, or split them with encode_chunks"
             )
         if cut:
@@ -205,21 +247,9 @@ class Encoder:
                 f"{len(cut)} of {len(tokens)} texts exceeded {budget} text tokens and were truncated "
                 f"({dropped} tokens dropped; first: texts[{cut[0]}]). Pass truncate=False to raise instead.",
                 TruncationWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         return kept
-
-    def _chunk_spans(self, text, tok: TextTokens, n: int, chunk_size, chunk_overlap, splitter) -> np.ndarray:
-        if splitter == "tokens":
-            return token_windows(n, chunk_size, chunk_overlap)
-        if splitter == "words":
-            return word_windows(word_starts(text, tok.offsets[:n]), n, chunk_size, chunk_overlap)
-        # Split only the text that survived truncation: up to the end of the last kept token.
-        visible = text[: int(tok.offsets[n - 1, 1])]
-        ranges = self._recursive.char_ranges(visible, chunk_size, chunk_overlap)
-        spans = spans_from_char_ranges(tok.offsets[:n], ranges, chunk_size, chunk_overlap)
-        # A text the splitter finds nothing in (it trims whitespace) still gets one chunk.
-        return spans if len(spans) else token_windows(n, chunk_size, 0)
 
     def _forward_rows(self, rows, spans, batch_size, max_batch_tokens, show_progress):
         """Run rows through the backend in length-sorted batches; results in input order:

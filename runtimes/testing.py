@@ -1,4 +1,9 @@
-"""Small deterministic Dewey checkpoints built offline, for tests, examples and benchmarks.
+"""New Dewey checkpoints built offline: the config.json of a new model, and small deterministic
+checkpoints for tests, examples and benchmarks, with the text corpus they need.
+
+``dewey_config_dict`` is the one builder of a new model's config.json (``dewey_train`` builds its
+students with it); ``python_doc_topics`` is the one reader of the Python documentation corpus that the
+test tokenizer, the training data and the evaluation filler are made of.
 
 The tokenizer is a byte-level BPE (the kind ModernBERT uses) trained on the Python standard library's
 own documentation (``pydoc_data``), so it needs no download and every machine builds the same one. It
@@ -17,9 +22,16 @@ from .tokenization import TOKENIZER_FILE
 
 SPECIAL_TOKENS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
 TEST_VOCAB_SIZE = 1024
+MODERNBERT_NORM_EPS = 1e-5
+# Dewey's attention pattern and RoPE bases, as in dewey_en_beta's config.json.
+DEWEY_GLOBAL_ATTN_EVERY_N_LAYERS = 3
+DEWEY_GLOBAL_ROPE_THETA = 73780400.0
+DEWEY_LOCAL_ROPE_THETA = 10000.0
 
 
-def _corpus() -> list[str]:
+def python_doc_topics() -> list[str]:
+    """The pages of the Python documentation's topics (``pydoc_data.topics``, shipped with every Python),
+    in key order: real English text that needs no download."""
     from pydoc_data.topics import topics
 
     return [topics[key] for key in sorted(topics)]
@@ -38,9 +50,57 @@ def build_test_tokenizer(vocab_size: int = TEST_VOCAB_SIZE):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_corpus(), trainer)
+    tokenizer.train_from_iterator(python_doc_topics(), trainer)
     tokenizer.add_special_tokens(list(DEWEY_INSTRUCTION_TOKENS))
     return tokenizer
+
+
+def dewey_config_dict(
+    vocab_size: int,
+    cls_token_id: int,
+    sep_token_id: int,
+    pad_token_id: int,
+    *,
+    hidden_size: int,
+    intermediate_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    local_attention: int,
+    global_attn_every_n_layers: int,
+    global_rope_theta: float,
+    local_rope_theta: float,
+    max_position_embeddings: int,
+    initializer_range: float,
+    vector_size: int,
+    single_vector_type: str,
+) -> dict:
+    """The config.json dict of a new Dewey model: ModernBERT's keys plus the Dewey fields (vector size,
+    single-vector mode, prompts, instruction tokens)."""
+    return {
+        "model_type": "modernbert",
+        "architectures": ["ModernBertModel"],
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "local_attention": local_attention,
+        "global_attn_every_n_layers": global_attn_every_n_layers,
+        "global_rope_theta": global_rope_theta,
+        "local_rope_theta": local_rope_theta,
+        "max_position_embeddings": max_position_embeddings,
+        "norm_eps": MODERNBERT_NORM_EPS,
+        "initializer_range": initializer_range,
+        "cls_token_id": cls_token_id,
+        "bos_token_id": cls_token_id,
+        "sep_token_id": sep_token_id,
+        "eos_token_id": sep_token_id,
+        "pad_token_id": pad_token_id,
+        "vector_size": vector_size,
+        "single_vector_type": single_vector_type,
+        "prompts": dict(DEWEY_PROMPTS),
+        "instruction_tokens": list(DEWEY_INSTRUCTION_TOKENS),
+    }
 
 
 def test_config(
@@ -54,37 +114,30 @@ def test_config(
     max_position_embeddings: int = 8192,
     initializer_range: float = 0.3,
 ) -> dict:
-    """A config.json dict of a tiny Dewey model: ModernBERT keys plus the Dewey fields."""
-    return {
-        "model_type": "modernbert",
-        "architectures": ["ModernBertModel"],
-        "vocab_size": vocab_size,
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": num_hidden_layers,
-        "num_attention_heads": num_attention_heads,
-        "local_attention": local_attention,
-        "global_attn_every_n_layers": 3,
-        "global_rope_theta": 73780400.0,
-        "local_rope_theta": 10000.0,
-        "max_position_embeddings": max_position_embeddings,
-        "norm_eps": 1e-5,
-        # Default 0.3, 15x ModernBERT's 0.02: with 0.02, attention in a random 32-wide model is nearly
-        # uniform and a text's vectors barely depend on its context (dropping 40 characters moved CLS by
-        # 6e-6), which would let tests of context, prompts and truncation pass by accident; at 0.3 it
-        # moves 1e-2. Deep, wide shapes (benchmarks) use 0.02: at 0.3, 22 random layers give attention
-        # logits in the hundreds, and float rounding is amplified far beyond what trained weights see.
-        "initializer_range": initializer_range,
-        "cls_token_id": SPECIAL_TOKENS.index("[CLS]"),
-        "bos_token_id": SPECIAL_TOKENS.index("[CLS]"),
-        "sep_token_id": SPECIAL_TOKENS.index("[SEP]"),
-        "eos_token_id": SPECIAL_TOKENS.index("[SEP]"),
-        "pad_token_id": SPECIAL_TOKENS.index("[PAD]"),
-        "vector_size": vector_size,
-        "single_vector_type": "cls_add_mean",
-        "prompts": dict(DEWEY_PROMPTS),
-        "instruction_tokens": list(DEWEY_INSTRUCTION_TOKENS),
-    }
+    """A config.json dict of a tiny Dewey model with Dewey's attention pattern and RoPE settings.
+
+    ``initializer_range`` defaults to 0.3, 15x ModernBERT's 0.02: with 0.02, attention in a random
+    32-wide model is nearly uniform and a text's vectors barely depend on its context (dropping 40
+    characters moved CLS by 6e-6), which would let tests of context, prompts and truncation pass by
+    accident; at 0.3 it moves 1e-2. Deep, wide shapes (benchmarks) use 0.02: at 0.3, 22 random layers
+    give attention logits in the hundreds, and float rounding is amplified far beyond what trained
+    weights see.
+    """
+    return dewey_config_dict(
+        vocab_size, SPECIAL_TOKENS.index("[CLS]"), SPECIAL_TOKENS.index("[SEP]"), SPECIAL_TOKENS.index("[PAD]"),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        local_attention=local_attention,
+        global_attn_every_n_layers=DEWEY_GLOBAL_ATTN_EVERY_N_LAYERS,
+        global_rope_theta=DEWEY_GLOBAL_ROPE_THETA,
+        local_rope_theta=DEWEY_LOCAL_ROPE_THETA,
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range,
+        vector_size=vector_size,
+        single_vector_type="cls_add_mean",
+    )
 
 
 def make_test_checkpoint(folder: str | Path, seed: int = 0, **config_overrides) -> Path:

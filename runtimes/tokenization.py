@@ -134,25 +134,28 @@ class DeweyTokenizer:
     def from_folder(cls, folder: str | Path, config: DeweyConfig) -> "DeweyTokenizer":
         return cls(read_tokenizer_file(Path(folder) / TOKENIZER_FILE), config)
 
-    def resolve_prompt(self, prompt: str | None) -> str:
-        """A prompt name from the model's config (``query``, ``passage``, ...) or a literal prompt string."""
+    def resolve_prompt(self, prompt: str | None, name_only: bool = False) -> str:
+        """The prompt text of a prompt name from the model's config (``query``, ``passage``, ...), or
+        ``prompt`` itself as a literal prompt string unless ``name_only``."""
         if prompt is None:
             return ""
         if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a prompt name, a string or None, got {type(prompt).__name__}")
+            expected = "prompt_name must be a prompt name" if name_only else "prompt must be a prompt name, a string"
+            raise TypeError(f"{expected} or None, got {type(prompt).__name__}")
         if prompt in self.config.prompts:
             return self.config.prompts[prompt]
-        if prompt in STANDARD_PROMPT_NAMES:
+        if name_only or prompt in STANDARD_PROMPT_NAMES:
             # Taking "query" as literal text would silently embed the wrong thing.
             raise ValueError(
                 f"this model's config.json defines no prompt named {prompt!r} "
-                f"(it has: {sorted(self.config.prompts) or 'none'}); pass the prompt text itself"
+                f"(it has: {sorted(self.config.prompts) or 'none'}); pass the prompt text itself as prompt="
             )
         check_encodable("prompt", prompt)
         return prompt
 
-    def prompt_ids(self, prompt: str | None) -> np.ndarray:
-        text = self.resolve_prompt(prompt)
+    def prompt_ids(self, prompt: str | None, name_only: bool = False) -> np.ndarray:
+        """Token ids of a prompt (``resolve_prompt``), cached per prompt text."""
+        text = self.resolve_prompt(prompt, name_only)
         if text not in self._prompt_cache:
             ids = self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
             self._prompt_cache[text] = np.asarray(ids, dtype=np.int64)

@@ -1,8 +1,8 @@
 """Late chunking: token spans, character spans and chunk vectors of ``Encoder.encode_chunks``.
 
 Spans index the text's own tokens (from ``encoder.tokenizer.encode_texts``), character spans slice the
-caller's original string, and both splitters (``tokens``, ``recursive``) keep those promises, with
-prompts, unicode and truncation.
+caller's original string, and every splitter (``tokens``, ``words``, ``recursive``) keeps those
+promises, with prompts, unicode and truncation.
 """
 
 from __future__ import annotations
@@ -227,6 +227,21 @@ def test_recursive_overlong_chunk_loses_no_text(encoder):
     doc = encoder.encode_chunks(text, chunk_size=5, chunk_overlap=0, splitter="recursive")
     assert all(b - a <= 5 for a, b in doc.token_spans)
     assert_covers_non_whitespace(text, doc)
+
+
+def test_recursive_with_nothing_to_split_gives_token_windows(encoder):
+    """recursive splitter: when only whitespace survives truncation the library finds no chunk, and the
+    text gets the ``tokens`` windows with the same chunk_overlap (the overlap encode_chunks promises)."""
+    text = "\n" * 200 + "word"
+    kwargs = dict(chunk_size=8, chunk_overlap=3, max_length=40)
+    with pytest.warns(TruncationWarning):
+        recursive = encoder.encode_chunks(text, splitter="recursive", **kwargs)
+    with pytest.warns(TruncationWarning):
+        tokens = encoder.encode_chunks(text, splitter="tokens", **kwargs)
+    assert not recursive.texts[0].strip()  # premise: the kept text is whitespace only
+    assert recursive.token_spans == tokens.token_spans
+    assert recursive.token_spans[1][0] == 8 - 3
+    np.testing.assert_array_equal(recursive.vectors, tokens.vectors)
 
 
 # -- both splitters --------------------------------------------------------------------------------

@@ -165,6 +165,51 @@ def test_flags_must_be_bools(entry, flag, value):
         entry(SENTENCE, **{flag: value})
 
 
+# Each option's sentence-transformers keyword, and this library's older spelling of it.
+SPELLINGS = [("normalize_embeddings", "normalize"), ("show_progress_bar", "show_progress"), ("prompt_name", "prompt")]
+
+
+@pytest.mark.parametrize("name, alias", SPELLINGS)
+def test_both_spellings_of_one_option_raise(entry, name, alias):
+    """normalize_embeddings / normalize, show_progress_bar / show_progress, prompt_name / prompt: giving
+    both spellings raises TypeError, even when they agree, instead of one silently winning."""
+    value = "query" if name == "prompt_name" else False
+    with pytest.raises(TypeError, match=rf"^{name} and {alias} are two spellings of one option"):
+        entry(SENTENCE, **{name: value, alias: value})
+
+
+@pytest.mark.parametrize("flag", ["normalize_embeddings", "show_progress_bar"])
+def test_flag_errors_name_the_spelling_used(entry, flag):
+    """A flag that is not a bool is refused under the name the caller wrote."""
+    with pytest.raises(TypeError, match=rf"^{flag} must be True(,| or) False"):
+        entry(SENTENCE, **{flag: "no"})
+
+
+def test_sentence_transformers_spellings_equal_the_aliases(encoder):
+    """normalize_embeddings, show_progress_bar and prompt_name do what normalize, show_progress and a
+    prompt name do; normalize not given means True."""
+    np.testing.assert_array_equal(
+        encoder.encode(SENTENCE, normalize_embeddings=False, show_progress_bar=False, prompt_name="query"),
+        encoder.encode(SENTENCE, normalize=False, show_progress=False, prompt="query"),
+    )
+    np.testing.assert_array_equal(encoder.encode(SENTENCE, normalize_embeddings=True), encoder.encode(SENTENCE))
+    chunks = encoder.encode_chunks(SENTENCE, chunk_size=4, chunk_overlap=1, normalize_embeddings=False,
+                                   prompt_name="passage")
+    alias = encoder.encode_chunks(SENTENCE, chunk_size=4, chunk_overlap=1, normalize=False, prompt="passage")
+    np.testing.assert_array_equal(chunks.vectors, alias.vectors)
+    assert not np.allclose(np.linalg.norm(chunks.vectors, axis=1), 1.0)
+
+
+def test_prompt_name_takes_only_names(entry):
+    """prompt_name is a name from config.json: a literal prompt string there raises ValueError listing
+    the model's prompts (prompt= still takes it as text), and a non-string raises TypeError."""
+    listing = r"\(it has: \['passage', 'query'\]\)"
+    with pytest.raises(ValueError, match=rf"defines no prompt named 'Represent this: ' {listing}"):
+        entry(SENTENCE, prompt_name="Represent this: ")
+    with pytest.raises(TypeError, match=r"^prompt_name must be a prompt name or None, got int"):
+        entry(SENTENCE, prompt_name=3)
+
+
 def test_numpy_bool_flags_are_bools(encoder):
     """numpy's bool counts as a bool, like numpy integers count as integers."""
     np.testing.assert_array_equal(

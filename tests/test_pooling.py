@@ -354,7 +354,7 @@ def test_bf16_vectors_close_to_fp32(encoder, bf16_encoder, long_text):
     over 3 layers of a random model; cosine 0.99 allows that drift while a real error (wrong dtype cast
     of the head, garbage from a bf16 prefix sum, wrong positions) gives cosines far below it.
     """
-    assert "bfloat16" in repr(bf16_encoder.backend)
+    assert str(bf16_encoder.backend.dtype) == "torch.bfloat16"
     texts = [SHORT, MEDIUM, UNICODE, long_text[:1500]]
     for mode in ("cls", "mean", "cls_add_mean"):
         a = encoder.encode(texts, mode=mode, prompt="query")

@@ -36,7 +36,7 @@ def teacher_agreement(model_folder: Path, cfg: TrainConfig, teacher, documents: 
     from runtimes.modeling import DeweyModel
     from runtimes.tokenization import DeweyTokenizer
 
-    from ..examples import ExampleBuilder, attach_targets, split_into_pieces
+    from ..samples import SampleBuilder, attach_targets, split_into_pieces
     from ..trainer import make_batch
 
     model = DeweyModel.from_pretrained(model_folder)
@@ -45,7 +45,7 @@ def teacher_agreement(model_folder: Path, cfg: TrainConfig, teacher, documents: 
                            "train with export_projection = true to compare them"}
     tokenizer = DeweyTokenizer.from_folder(model_folder, load_model_config(model_folder))
     plain = dataclasses.replace(cfg, prompts=[None])
-    builder = ExampleBuilder(tokenizer, plain, teacher.max_tokens)
+    builder = SampleBuilder(tokenizer, plain, teacher.max_tokens)
     examples = builder.build(split_into_pieces(documents, tokenizer, builder.budget, plain.min_text_tokens))
     attach_targets(examples, teacher, plain.whole_text_target)
     cls_cos, chunk_cos = [], []

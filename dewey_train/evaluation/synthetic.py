@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from runtimes.testing import python_doc_topics
 from runtimes.validation import require_int
 
 from .metrics import recall_at_k
@@ -128,10 +129,8 @@ def _count_words(texts: list[str]) -> list[int]:
 
 
 def stdlib_prose() -> str:
-    """Real English prose available offline: the Python documentation topics (``pydoc_data``), in key order."""
-    from pydoc_data.topics import topics
-
-    return "".join(topics[key] for key in sorted(topics))
+    """Real English prose available offline: the Python documentation topics, in key order."""
+    return "".join(python_doc_topics())
 
 
 def _split_filler(text: str, count_tokens: TokenCounter) -> _Filler:

