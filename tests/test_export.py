@@ -235,24 +235,22 @@ def test_loading_a_checkpoint_with_the_onnx_backend_says_to_export(checkpoint):
         runtimes.load(checkpoint, backend="onnx")
 
 
-def test_tensorrt_provider_options_carry_profiles_cache_and_fp16(tmp_path):
+def test_tensorrt_provider_options_carry_one_profile_and_the_cache(tmp_path):
     from runtimes.backends.onnx_backend import providers_for, tensorrt_provider_options
     from runtimes.trt_plan import plan_profiles
 
     profiles = plan_profiles([(512, 8), (4096, 1)], max_position_embeddings=4096)
-    options = tensorrt_provider_options(profiles, engine_cache_path=tmp_path, fp16=True)
+    options = tensorrt_provider_options(profiles[1], engine_cache_path=tmp_path)
     assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"] == str(tmp_path)
-    assert options["trt_fp16_enable"] is True
+    assert options["trt_fp16_enable"] is False  # the fp16 graph, built strongly typed
     mins = options["trt_profile_min_shapes"].split(",")
     maxs = options["trt_profile_max_shapes"].split(",")
-    assert len(mins) == len(maxs) == 2 * 3  # two profiles x three inputs
-    assert "input_ids:8x512" in maxs and "input_ids:1x4096" in maxs
-    assert "input_ids:1x513" in mins  # the second bucket starts after the first
+    assert len(mins) == len(maxs) == 3  # one profile x three inputs: one profile per session
+    assert "input_ids:1x4096" in maxs and "input_ids:1x513" in mins
     provider, provider_options = providers_for("tensorrt:1", options)[0]
     assert provider == "TensorrtExecutionProvider" and provider_options["device_id"] == 1
-    assert provider_options["trt_fp16_enable"] is True
     assert providers_for("tensorrt")[1][0] == "CUDAExecutionProvider"
-    assert tensorrt_provider_options() == {}
+    assert tensorrt_provider_options() == {"trt_fp16_enable": False}
 
 
 def test_cli_trt_without_tensorrt_exits_2_and_writes_nothing(checkpoint, tmp_path):

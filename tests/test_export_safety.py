@@ -140,7 +140,7 @@ def test_engine_folder_lists_the_engine_files_and_load_checks_them(checkpoint, t
 
     from runtimes.trt_plan import ENGINE_FILE, METADATA_FILE, EngineMetadata
 
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.14.1.48"))
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.15.1.29"))
     monkeypatch.setattr(trt_build, "tensorrt_status", lambda: None)
     monkeypatch.setattr(trt_build, "gpu_identity", lambda: ("Stand-in GPU", "9.0"))
     monkeypatch.setattr(trt_build, "_serialize_engine", lambda *args: b"serialized engine")
@@ -150,7 +150,7 @@ def test_engine_folder_lists_the_engine_files_and_load_checks_them(checkpoint, t
     out = result.folder
     manifest = check_export_files(out)
     assert {ENGINE_FILE, METADATA_FILE, ONNX_FILE} <= set(manifest["files"]) and manifest["files"] == file_table(out)
-    assert manifest["precision"] == "fp32" and EngineMetadata.read(out).precision == "fp16"  # TensorRT 10: fp32 graph
+    assert manifest["precision"] == EngineMetadata.read(out).precision == "fp16"  # strongly typed: the fp16 graph
     assert result.parity == manifest["tensorrt_parity"] and manifest["tensorrt_parity"]["skipped"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
     (out / ENGINE_FILE).write_bytes(b"serialized enginf")

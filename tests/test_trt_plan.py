@@ -1,19 +1,24 @@
 """TensorRT planning without TensorRT: profiles from length buckets, engine metadata and the
-compatibility check (runtimes.trt_plan), precision names (runtimes.precision) and the builder's
-precision plan by TensorRT version (dewey_export.trt_precision).
+compatibility check (runtimes.trt_plan), precision names (runtimes.precision), the builder's precision
+plan and version floor (dewey_export.trt_precision, trt_build.tensorrt_status and the CLI), ONNX
+Runtime's TensorRT provider options, and the device the TensorRT backend makes its objects on.
 
-No GPU and no ``tensorrt`` here: the installed TensorRT version is faked as a string, which is all the
-builder and backend read from it.
+No GPU and no ``tensorrt`` here: the installed TensorRT is a stand-in module with a version string, and
+the backend's GPUs are stand-ins that record which device was current when each object was made.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
+import types
 
 import numpy as np
 import pytest
 
-from dewey_export.trt_precision import FP32_LAYER_KINDS, PrecisionPlan, precision_plan
+from dewey_export import trt_build
+from dewey_export.trt_precision import PrecisionPlan, precision_plan, tensorrt_version_problem
 from runtimes.chunking import token_windows
 from runtimes.export_format import INPUTS
 from runtimes.precision import FULL_NAMES, PRECISIONS, precision_name
@@ -258,42 +263,44 @@ def test_precision_name_refuses_anything_else(value):
 # Precision plan by TensorRT version
 # ----------------------------------------------------------------------------------------------------
 
-TRT10 = ["10.0.0b6", "10.14.1.48", "10.16.1"]
-TRT11 = ["11.0.0.post1", "11.3.0", "11.4.1.2"]
+# Versions whose ONNX parser imports Attention (10.14) and RotaryEmbedding (10.15.1), and older ones.
+SUPPORTED = ["10.15.1", "10.15.1.29", "10.16.1", "11.0.0.post1", "11.3.0", "11.4.1.2"]
+TOO_OLD = ["10.14.1.48", "10.15.0", "10.0.0b6", "9.3.0.post12.dev1", "8.6.1"]
+# The weak typing BuilderFlags: deprecated in TensorRT 10.12, removed in 11.x.
+WEAK_TYPING_FLAGS = {"FP16", "BF16", "INT8", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS"}
 
 
-@pytest.mark.parametrize("version", TRT10)
-@pytest.mark.parametrize("precision, flag", [("fp16", "FP16"), ("bf16", "BF16")])
-def test_trt10_weak_typing_uses_builder_flags_on_an_fp32_graph(version, precision, flag):
-    plan = precision_plan(precision, version)
-    assert plan == PrecisionPlan(precision, (flag, "OBEY_PRECISION_CONSTRAINTS"), False, "fp32",
-                                 FP32_LAYER_KINDS, ())
-    assert {"NORMALIZATION", "SOFTMAX"} <= set(plan.fp32_layers)
-
-
-@pytest.mark.parametrize("version", TRT11)
+@pytest.mark.parametrize("version", SUPPORTED)
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_trt11_strong_typing_puts_precision_in_the_graph(version, precision):
+def test_every_supported_tensorrt_builds_strongly_typed_from_the_graph_precision(version, precision):
     plan = precision_plan(precision, version)
-    assert plan.builder_flags == ()
-    assert plan.strongly_typed is True
-    assert plan.graph_precision == precision
-    assert plan.fp32_layers == ()
-    # None of the flags TensorRT 11 removed may appear.
-    removed = {"FP16", "BF16", "INT8", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS"}
-    assert not removed & set(plan.builder_flags)
+    assert plan == PrecisionPlan(precision, ("STRONGLY_TYPED",), ())
+    assert not WEAK_TYPING_FLAGS & set(plan.network_flags + plan.cleared_builder_flags)
 
 
-@pytest.mark.parametrize("version, strong", [(v, False) for v in TRT10] + [(v, True) for v in TRT11])
-def test_fp32_has_no_precision_flags_and_no_tf32(version, strong):
-    plan = precision_plan("fp32", version)
-    assert plan == PrecisionPlan("fp32", (), strong, "fp32", (), ("TF32",))
+def test_a_plan_has_no_flags_to_set_and_no_layers_to_pin():
+    """The fields a weakly typed build needed (builder flags to set, layer kinds pinned to fp32) are gone:
+    nothing left could pin a layer, integer ones included."""
+    assert {field.name for field in dataclasses.fields(PrecisionPlan)} == {
+        "precision", "network_flags", "cleared_builder_flags"}
 
 
-@pytest.mark.parametrize("version", ["8.6.1", "9.3.0.post12.dev1", "7.2.3.4"])
-def test_tensorrt_below_10_rejected(version):
-    with pytest.raises(ValueError, match="TensorRT >= 10 required"):
+@pytest.mark.parametrize("version", SUPPORTED)
+def test_fp32_is_strongly_typed_without_tf32(version):
+    assert precision_plan("fp32", version) == PrecisionPlan("fp32", ("STRONGLY_TYPED",), ("TF32",))
+
+
+@pytest.mark.parametrize("version", TOO_OLD)
+def test_tensorrt_older_than_10_15_1_refused_naming_both_versions(version):
+    with pytest.raises(ValueError) as info:
         precision_plan("fp16", version)
+    assert f"TensorRT {version} is installed" in str(info.value) and ">= 10.15.1" in str(info.value)
+    assert tensorrt_version_problem(version) == str(info.value)
+
+
+@pytest.mark.parametrize("version", SUPPORTED)
+def test_supported_versions_have_no_problem(version):
+    assert tensorrt_version_problem(version) is None
 
 
 @pytest.mark.parametrize("version", ["", "ten", "10", "10.x", "v10.1.0", "10.1.0-garbage", None, 10.1])
@@ -305,11 +312,57 @@ def test_unreadable_versions_rejected(version):
 @pytest.mark.parametrize("precision", ["int8", "FP16", "", None])
 def test_unknown_precision_rejected(precision):
     with pytest.raises(ValueError, match="precision must be one of fp32, fp16, bf16"):
-        precision_plan(precision, "10.14.1.48")
+        precision_plan(precision, "10.15.1.29")
 
 
 def test_precision_plan_takes_any_spelling():
     assert precision_plan("bfloat16", "11.3.0") == precision_plan("bf16", "11.3.0")
+
+
+def fake_tensorrt(version: str, builders: list):
+    """A stand-in for the tensorrt module with ``version``; ``builders`` collects each Builder made."""
+    class Logger:
+        ERROR = WARNING = 0
+
+        def __init__(self, level):
+            pass
+
+    return types.SimpleNamespace(__version__=version, Logger=Logger, Builder=builders.append)
+
+
+@pytest.mark.parametrize("version", TOO_OLD[:2])
+def test_tensorrt_status_refuses_an_old_tensorrt_before_touching_the_gpu(monkeypatch, version):
+    builders = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version, builders))
+    status = trt_build.tensorrt_status()
+    assert status and f"TensorRT {version} is installed" in status and ">= 10.15.1" in status
+    assert builders == []  # refused by its version, before a Builder (which needs a GPU) is made
+
+
+@pytest.mark.parametrize("version", ["10.15.1", "10.15.1.29", "11.3.0"])
+def test_tensorrt_status_accepts_10_15_1_and_11(monkeypatch, version):
+    builders = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version, builders))
+    assert trt_build.tensorrt_status() is None and len(builders) == 1
+
+
+def test_tensorrt_status_says_when_the_version_cannot_be_read(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("unknown", []))
+    assert "cannot tell which TensorRT is installed" in trt_build.tensorrt_status()
+
+
+def test_cli_refuses_an_old_tensorrt_with_exit_2_before_exporting(monkeypatch, checkpoint, tmp_path):
+    pytest.importorskip("click")
+    from click.testing import CliRunner
+
+    from dewey_export.cli import main
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.14.1.48", []))
+    out = tmp_path / "engine"
+    result = CliRunner().invoke(main, ["--model", str(checkpoint), "--to", "trt", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "TensorRT 10.14.1.48 is installed" in result.output and ">= 10.15.1" in result.output
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("text, parsed", [
@@ -452,3 +505,133 @@ def test_version_compatibility_does_not_cross_gpus():
     with pytest.raises(EngineMismatchError) as info:
         check_engine_compatible(make_meta(version_compatible=True), "10.15.0", "NVIDIA L4", "8.9")
     assert info.value.fields == ("compute_capability",)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ONNX Runtime's TensorRT provider
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_tensorrt_provider_options_hold_one_profile_per_session(tmp_path):
+    from runtimes.backends.onnx_backend import providers_for, tensorrt_provider_options
+
+    profiles = plan_profiles([(512, 8), (4096, 1)], max_position_embeddings=4096)
+    options = tensorrt_provider_options(profiles[1], engine_cache_path=tmp_path)
+    for key, which in (("trt_profile_min_shapes", 0), ("trt_profile_opt_shapes", 1), ("trt_profile_max_shapes", 2)):
+        entries = options[key].split(",")
+        assert sorted(entry.split(":")[0] for entry in entries) == sorted(INPUTS)  # each input once: one profile
+        assert entries[0] == "input_ids:" + "x".join(map(str, profiles[1].shapes()["input_ids"][which]))
+    assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"] == str(tmp_path)
+    provider, provider_options = providers_for("tensorrt:1", options)[0]
+    assert provider == "TensorrtExecutionProvider" and provider_options["device_id"] == 1
+    assert providers_for("tensorrt")[1][0] == "CUDAExecutionProvider"
+
+
+@pytest.mark.parametrize("several", [lambda p: p, lambda p: tuple(p[:1])])
+def test_tensorrt_provider_options_refuse_a_list_of_profiles(several):
+    from runtimes.backends.onnx_backend import tensorrt_provider_options
+
+    with pytest.raises(ValueError, match="one session per length bucket"):
+        tensorrt_provider_options(several(plan_profiles([(512, 8), (4096, 1)], 4096)))
+
+
+def test_tensorrt_provider_options_leave_fp16_off_for_the_strongly_typed_fp16_graph():
+    """With trt_fp16_enable the provider builds weakly typed; off, it builds the fp16 graph as typed."""
+    from runtimes.backends.onnx_backend import tensorrt_provider_options
+
+    assert tensorrt_provider_options() == {"trt_fp16_enable": False}
+    assert tensorrt_provider_options(plan_profiles([(512, 8)], 4096)[0])["trt_fp16_enable"] is False
+    assert tensorrt_provider_options(fp16=True)["trt_fp16_enable"] is True
+
+
+# ----------------------------------------------------------------------------------------------------
+# The TensorRT backend's device
+# ----------------------------------------------------------------------------------------------------
+
+
+class _DeviceRecorder:
+    """Stand-ins for torch.cuda.device / torch.cuda.Stream and the tensorrt runtime objects: each records
+    the CUDA device that was current when it was made."""
+
+    def __init__(self):
+        self.current, self.made = "cuda:0", {}
+
+    def device(self, device):
+        recorder = self
+
+        class Switch:
+            def __enter__(self):
+                self.previous, recorder.current = recorder.current, str(device)
+
+            def __exit__(self, *exc):
+                recorder.current = self.previous
+
+        return Switch()
+
+    def record(self, name, value=None):
+        self.made[name] = self.current
+        return value
+
+    def tensorrt(self, version: str):
+        recorder = self
+
+        class Engine:
+            num_optimization_profiles = 1
+
+            def create_execution_context(self):
+                return recorder.record("context", object())
+
+            def get_tensor_shape(self, name):
+                return (1, 48)
+
+        class Runtime:
+            def __init__(self, logger):
+                recorder.record("runtime")
+
+            def deserialize_cuda_engine(self, data):
+                return recorder.record("engine", Engine())
+
+        class Logger:
+            WARNING = 0
+
+            def __init__(self, level):
+                pass
+
+        return types.SimpleNamespace(__version__=version, Logger=Logger, Runtime=Runtime)
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """Two stand-in GPUs named 'Stand-in GPU' with compute capability 9.0; cuda:0 is current."""
+    torch = pytest.importorskip("torch")
+    recorder = _DeviceRecorder()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(name="Stand-in GPU", major=9, minor=0))
+    monkeypatch.setattr(torch.cuda, "device", recorder.device)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: recorder.record("stream"))
+    monkeypatch.setitem(sys.modules, "tensorrt", recorder.tensorrt("10.15.1.29"))
+    return recorder
+
+
+def _engine_folder(folder, gpu_name="Stand-in GPU"):
+    make_meta(tensorrt_version="10.15.1.29", gpu_name=gpu_name,
+              profiles=plan_profiles([(512, 8)], MAX_POSITIONS)).write(folder)
+    (folder / ENGINE_FILE).write_bytes(b"serialized engine")
+    return folder
+
+
+def test_trt_backend_makes_runtime_engine_context_and_stream_on_its_own_device(fake_gpus, tmp_path):
+    from runtimes.backends.trt_backend import TensorRTBackend
+
+    backend = TensorRTBackend(_engine_folder(tmp_path), device="cuda:1")
+    assert fake_gpus.made == {name: "cuda:1" for name in ("runtime", "engine", "context", "stream")}
+    assert fake_gpus.current == "cuda:0" and backend.notes == []
+
+
+def test_trt_backend_warns_when_the_engine_was_built_on_another_gpu_of_its_architecture(fake_gpus, tmp_path):
+    from runtimes.backends.trt_backend import TensorRTBackend
+
+    with pytest.warns(RuntimeWarning, match="timed on the other GPU"):
+        backend = TensorRTBackend(_engine_folder(tmp_path, gpu_name="Other GPU"), device="cuda:0")
+    assert len(backend.notes) == 1

@@ -17,6 +17,7 @@ from ..config import ModelFileError
 from ..export_format import INPUTS, ONNX_FILE, OUTPUTS, read_manifest
 from ..memory import tune_for_length
 from ..precision import precision_name
+from ..trt_plan import Profile
 
 class ProviderUnavailableError(RuntimeError):
     """An execution provider that was asked for is missing from, or failed to start in, onnxruntime."""
@@ -41,22 +42,36 @@ def available_cpus() -> int:
     return max(1, cpus)
 
 
-def tensorrt_provider_options(profiles=None, engine_cache_path=None, fp16: bool = False) -> dict:
-    """Options of ONNX Runtime's TensorRT execution provider: an engine cache (TensorRT builds take
-    minutes; the cache makes the second start instant), explicit optimization profiles (the same
-    length buckets as ``dewey-export --to trt``, runtimes.trt_plan; ORT takes several profiles by
-    repeating an input name), and fp16 (TensorRT 10's weak typing; ignored by TensorRT 11)."""
-    options = {}
+def tensorrt_provider_options(profile=None, engine_cache_path=None, fp16: bool = False) -> dict:
+    """Options of ONNX Runtime's TensorRT execution provider for one session.
+
+    ``profile``: one optimization profile (a ``runtimes.trt_plan.Profile``, e.g. one of ``plan_profiles``'s,
+    the length buckets of ``dewey-export --to trt``). One per session: the provider builds every profile
+    it is given, but its execution context stays on profile 0, so inputs of the other profiles fail
+    (described by the provider's own fix, microsoft/onnxruntime pull request 31624). For several buckets,
+    load one session per bucket and send each batch to the session whose profile covers it.
+
+    ``engine_cache_path``: engine and timing caches (a build takes minutes; the cache makes the next start
+    instant).
+
+    ``fp16``: keep False and give the session the ``--precision fp16`` (or bf16) gpu graph. The provider
+    creates a strongly typed network unless fp16 or int8 is enabled; with ``trt_fp16_enable`` it builds
+    weakly typed, free to run the graph's fp32 rotary angles and softmax in fp16 (positions above 65,504
+    overflow), pinning nothing but its optional LayerNorm fallback.
+    """
+    if profile is not None and not isinstance(profile, Profile):
+        raise ValueError(
+            f"profile must be one runtimes.trt_plan.Profile, got {type(profile).__name__}: ONNX Runtime's TensorRT "
+            "provider runs only the first profile of a session, so load one session per length bucket"
+        )
+    options = {"trt_fp16_enable": bool(fp16)}
     if engine_cache_path is not None:
         options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(engine_cache_path),
                        trt_timing_cache_enable=True, trt_timing_cache_path=str(engine_cache_path))
-    if fp16:
-        options["trt_fp16_enable"] = True
-    if profiles:
+    if profile is not None:
         for which, key in ((0, "trt_profile_min_shapes"), (1, "trt_profile_opt_shapes"), (2, "trt_profile_max_shapes")):
             options[key] = ",".join(
-                f"{name}:{'x'.join(str(d) for d in shapes[which])}"
-                for profile in profiles for name, shapes in profile.shapes().items()
+                f"{name}:{'x'.join(str(d) for d in shapes[which])}" for name, shapes in profile.shapes().items()
             )
     return options
 

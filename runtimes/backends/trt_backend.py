@@ -10,6 +10,7 @@ but runs one batch at a time: for concurrent batches load one backend per thread
 from __future__ import annotations
 
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,24 +34,30 @@ class TensorRTBackend:
             raise RuntimeError(f"the trt backend needs a CUDA device, got {str(self.device)!r}")
         props = torch.cuda.get_device_properties(self.device)
         self.notes = check_engine_compatible(self.metadata, trt.__version__, props.name, f"{props.major}.{props.minor}")
+        for note in self.notes:  # allowed differences (another GPU of the same architecture): said, not hidden
+            warnings.warn(f"{folder}: {note}", RuntimeWarning, stacklevel=3)
         plan_path = folder / ENGINE_FILE
         if not plan_path.is_file():
             raise ModelFileError(f"{folder} has no {ENGINE_FILE}; build it with dewey-export --to trt")
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        if self.metadata.version_compatible:
-            self._runtime.engine_host_code_allowed = True  # version-compatible plans carry host code
-        self.engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
-        if self.engine is None:
-            raise ModelFileError(f"TensorRT could not deserialize {plan_path}: the file is damaged; rebuild it")
-        if self.engine.num_optimization_profiles != len(self.metadata.profiles):
-            raise ModelFileError(
-                f"{plan_path} has {self.engine.num_optimization_profiles} profiles but engine.json lists "
-                f"{len(self.metadata.profiles)}: the two files do not belong together; rebuild"
-            )
-        self.context = self.engine.create_execution_context()
+        # TensorRT binds an engine, and the contexts made from it, to the CUDA device that is current when
+        # it is deserialized (TensorRT FAQ, "How do I use TensorRT on multiple GPUs?"); the buffers and
+        # the stream live on self.device, so everything is made with that device current.
+        with torch.cuda.device(self.device):
+            self._logger = trt.Logger(trt.Logger.WARNING)
+            self._runtime = trt.Runtime(self._logger)
+            if self.metadata.version_compatible:
+                self._runtime.engine_host_code_allowed = True  # version-compatible plans carry host code
+            self.engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
+            if self.engine is None:
+                raise ModelFileError(f"TensorRT could not deserialize {plan_path}: the file is damaged; rebuild it")
+            if self.engine.num_optimization_profiles != len(self.metadata.profiles):
+                raise ModelFileError(
+                    f"{plan_path} has {self.engine.num_optimization_profiles} profiles but engine.json lists "
+                    f"{len(self.metadata.profiles)}: the two files do not belong together; rebuild"
+                )
+            self.context = self.engine.create_execution_context()
+            self._stream = torch.cuda.Stream(device=self.device)
         self._torch = torch
-        self._stream = torch.cuda.Stream(device=self.device)
         self._lock = threading.Lock()
         self._active_profile = None
         self.vector_size = int(self.engine.get_tensor_shape("cls")[-1])
@@ -80,7 +87,8 @@ class TensorRTBackend:
         batch, seq = input_ids.shape
         profile = select_profile(self.metadata.profiles, batch, seq, span_bounds.shape[1])
         arrays = {"input_ids": input_ids, "attention_mask": attention_mask, "span_bounds": span_bounds}
-        with self._lock, torch.cuda.stream(self._stream):
+        # Enqueued with the engine's device current, whichever device the calling thread had selected.
+        with self._lock, torch.cuda.device(self.device), torch.cuda.stream(self._stream):
             if profile != self._active_profile:
                 self.context.set_optimization_profile_async(profile, self._stream.cuda_stream)
                 self._active_profile = profile
