@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .config import load_config, parse_override
+from .config import parse_override, read_train_config
 
 
 def _overrides(pairs, **named) -> dict:
@@ -63,7 +63,7 @@ def train(config_path, out_dir, data, teacher, init_from, epochs, max_steps, bat
         overrides = _overrides(pairs, out_dir=out_dir, data=list(data) or None, teacher=teacher, init_from=init_from,
                                epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                                lr=lr, bf16=bf16, gradient_checkpointing=gradient_checkpointing, seed=seed)
-        cfg = load_config(config_path, overrides)
+        cfg = read_train_config(config_path, overrides)
         checkpoint = latest_checkpoint(cfg.out_dir) if resume else None
         if checkpoint is None and not resume and any(Path(cfg.out_dir, "checkpoints").glob("step-*")):
             _fail(f"{cfg.out_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
@@ -124,7 +124,7 @@ def evaluate_command(model_path, config_path, data, teacher, out_json, queries, 
     from .evaluation import evaluate, format_report
 
     try:
-        cfg = load_config(config_path, _overrides(pairs, data=list(data) or None, teacher=teacher))
+        cfg = read_train_config(config_path, _overrides(pairs, data=list(data) or None, teacher=teacher))
     except (ValueError, FileNotFoundError, ImportError) as exc:
         _fail(str(exc))
     if model_path is None:

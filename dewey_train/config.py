@@ -138,7 +138,7 @@ class TrainConfig:
         return self
 
 
-def _build(cls, raw: dict, where: str):
+def _config_from_table(cls, raw: dict, where: str):
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(raw) - set(known))
     if unknown:
@@ -147,7 +147,7 @@ def _build(cls, raw: dict, where: str):
     if cls is TrainConfig and "student" in values:
         if not isinstance(values["student"], dict):
             raise ValueError(f"{where}: 'student' must be a table")
-        values["student"] = _build(StudentShape, values["student"], f"{where} [student]")
+        values["student"] = _config_from_table(StudentShape, values["student"], f"{where} [student]")
     return cls(**values)
 
 
@@ -208,11 +208,12 @@ def merge(raw: dict, overrides: dict) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+def read_train_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """The training config in the file at ``path`` (none: every default), ``overrides`` applied, checked."""
     raw = read_config_file(path) if path else {}
     raw = merge(raw, overrides or {})
-    return _build(TrainConfig, raw, str(path or "config")).check()
+    return _config_from_table(TrainConfig, raw, str(path or "config")).check()
 
 
 def config_from_dict(raw: dict) -> TrainConfig:
-    return _build(TrainConfig, raw, "config").check()
+    return _config_from_table(TrainConfig, raw, "config").check()

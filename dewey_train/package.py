@@ -12,10 +12,14 @@ import shutil
 import sys
 from pathlib import Path
 
+from runtimes.config import CONFIG_FILE
 from runtimes.files import staged_folder
+from runtimes.modeling import WEIGHTS_FILE
+
+from .trainer import SUMMARY_FILE, TOKENIZER_FILES
 
 MAX_BYTES = 25 * 1024 * 1024
-COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "training_summary.json")
+COPIED = (CONFIG_FILE, *TOKENIZER_FILES, SUMMARY_FILE)
 
 
 def package(source: str | Path, dest: str | Path) -> Path:
@@ -24,9 +28,9 @@ def package(source: str | Path, dest: str | Path) -> Path:
 
     source, dest = Path(source), Path(dest)
     with staged_folder(dest) as tmp:
-        state = load_file(str(source / "model.safetensors"))
+        state = load_file(str(source / WEIGHTS_FILE))
         state = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         for name in COPIED:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)

@@ -17,6 +17,8 @@
 3. **Targets.** Each chunk's text embedded alone by the teacher is its span's target. The whole piece
    is the CLS target: embedded whole when it fits the teacher's window (``whole_text_target="auto"``),
    otherwise (and always with ``"chunk_mean"``) the normalised mean of its chunks' teacher vectors.
+4. **Batches.** ``make_batch`` pads samples into the tensors of one forward pass, with their targets
+   (training and the teacher-agreement evaluation).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from runtimes.batching import pad_batch
 from runtimes.chunking import RecursiveSplitter, char_spans, chunk_spans, word_starts, word_windows
 from runtimes.tokenization import SPECIAL_TOKENS_PER_ROW, DeweyTokenizer
 
@@ -135,3 +139,17 @@ def attach_targets(samples: list[Sample], teacher, whole_text_target: str = "aut
         else:
             mean = ex.chunk_targets.mean(axis=0)
             ex.cls_target = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+
+
+def make_batch(samples: list[Sample], pad_token_id: int, device):
+    """``samples`` with targets as tensors on ``device``: (input_ids, attention_mask, span_bounds, valid
+    spans mask, CLS targets, chunk targets of the valid spans in order), and the count of non-padding
+    tokens."""
+    ids, mask, bounds = pad_batch([s.row for s in samples], [s.spans for s in samples], pad_token_id)
+    counts = torch.tensor([len(s.spans) for s in samples])
+    valid = torch.arange(bounds.shape[1]).unsqueeze(0) < counts.unsqueeze(1)
+    cls_target = torch.from_numpy(np.stack([s.cls_target for s in samples]))
+    chunk_target = torch.from_numpy(np.concatenate([s.chunk_targets for s in samples]))
+    to = dict(device=device)
+    return (torch.from_numpy(ids).to(**to), torch.from_numpy(mask).to(**to), torch.from_numpy(bounds).to(**to),
+            valid.to(**to), cls_target.to(**to), chunk_target.to(**to), int(mask.sum()))

@@ -26,7 +26,6 @@ import json
 import os
 import random
 import re
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -37,17 +36,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from runtimes.batching import pad_batch
-from runtimes.config import ModelFileError
-from runtimes.config import load_config as load_model_config
+from runtimes.config import ModelFileError, load_config
 from runtimes.files import atomic_path, clean_leftovers, discard_folder, staged_folder
 from runtimes.modeling import DeweyModel
-from runtimes.tokenization import DeweyTokenizer
+from runtimes.tokenization import TOKENIZER_FILE, DeweyTokenizer
 
 from .config import TrainConfig, config_from_dict
 from .data import split_documents
 from .losses import distillation_loss
-from .samples import Sample, SampleBuilder, attach_targets, split_into_pieces
+from .samples import Sample, SampleBuilder, attach_targets, make_batch, split_into_pieces
 from .student import build_student
 from .teacher import Teacher
 
@@ -57,10 +54,11 @@ STATE_TENSORS = "training_state.safetensors"  # every tensor of the training sta
 STATE_JSON = "training_state.json"  # the rest, with references to those tensors by name
 LEGACY_STATE = "training_state.pt"  # a pickle, written by older versions: refused, never loaded
 STATE_PARTS = ("progress", "optimizer", "scheduler", "projection", "rng")
-CONFIG_FILE = "train_config.json"
+TRAIN_CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 FINAL = "final"
-TOKENIZER_FILE = "tokenizer.json"  # required in the folder training starts from
+SUMMARY_FILE = "training_summary.json"  # in final/: steps, tokens, time, teacher
+# Copied from the folder training starts from into every model folder it writes; tokenizer.json required.
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json")
 # How the training state's JSON marks what JSON cannot hold: a tensor (by its name in the safetensors
 # file), a tuple, and a dict with keys that are not all strings (the optimizer's per-parameter states).
@@ -100,14 +98,19 @@ class Progress:
 # -- distributed ----------------------------------------------------------------------------------
 
 
-def setup_distributed(device: str) -> tuple[int, int]:
-    """(rank, world size). Under torchrun (WORLD_SIZE > 1) the process group is started here."""
+def setup_process(cfg: TrainConfig, device: str) -> tuple[int, int, str]:
+    """(rank, world size, this rank's device). Under torchrun (WORLD_SIZE > 1) the process group is
+    started here and each rank takes its own GPU; on CPU the ranks share the cores."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.cuda.set_device(device)
+    if device == "cpu":
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
+    return rank, world, device
 
 
 def barrier() -> None:
@@ -126,9 +129,10 @@ def all_sum(value: float) -> float:
 # -- data order -----------------------------------------------------------------------------------
 
 
-def epoch_batches(lengths: list[int], cfg: TrainConfig, epoch: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's micro-batches (indices into the epoch's examples): a seeded permutation, an equal
-    shard per rank, length-sorted inside pools; every rank gets the same number of batches."""
+def epoch_batches(examples: list[Sample], cfg: TrainConfig, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's micro-batches (indices into ``examples``): a seeded permutation, an equal shard per
+    rank, length-sorted inside pools; every rank gets the same number of batches, whole optimizer steps."""
+    lengths = [len(e.row) for e in examples]
     rng = np.random.default_rng([cfg.seed, epoch])
     order = rng.permutation(len(lengths))
     per_rank = len(order) // world
@@ -141,7 +145,7 @@ def epoch_batches(lengths: list[int], cfg: TrainConfig, epoch: int, rank: int, w
         part = sorted(part.tolist(), key=lambda i: -lengths[i])
         batches.extend(part[i:i + cfg.batch_size] for i in range(0, len(part), cfg.batch_size))
     order = rng.permutation(len(batches))  # pools sorted long-to-short; mix the batches again
-    return [batches[i] for i in order]
+    return [batches[i] for i in order[:len(order) // cfg.grad_accum * cfg.grad_accum]]
 
 
 def lr_multiplier(step: int, warmup: int, total: int) -> float:
@@ -287,8 +291,9 @@ def _numpy_rng_state() -> tuple:
     return kind, keys.tolist(), position, has_gauss, cached_gaussian
 
 
-def restore_training_state(state: dict, student: Student, optimizer, scheduler, folder: Path) -> Progress:
-    """Put a ``read_training_state`` result back into the run; returns its progress."""
+def restore_training_state(state: dict, student: Student, optimizer, scheduler, folder: Path, log) -> Progress:
+    """Put a ``read_training_state`` result (of the checkpoint ``folder``) back into the run; returns its
+    progress."""
     try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -301,28 +306,30 @@ def restore_training_state(state: dict, student: Student, optimizer, scheduler, 
         random.setstate(state["rng"]["python"])
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # what the loaders raise for a misfit
         raise ModelFileError(f"{folder / STATE_JSON} does not fit this run: {exc!r}") from exc
+    log(f"resumed from {folder}: step {progress.step}, epoch {progress.epoch}, batch {progress.batch}")
     return progress
 
 
 def save_checkpoint(out_dir: Path, student: Student, tokenizer_files: dict[str, bytes], optimizer, scheduler,
-                    progress: Progress, cfg: TrainConfig) -> Path:
-    """Write ``checkpoints/step-N`` in a temporary folder, then rename it into place; prune old ones."""
-    root = out_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{progress.step:07d}"
-    with staged_folder(final) as tmp:
-        save_model_folder(student, tokenizer_files, tmp)
-        write_training_state(tmp, {
-            "progress": progress.__dict__.copy(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "projection": None if student.projection is None else student.projection.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate()},
-        })
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
-    for old in checkpoint_dirs(out_dir)[:-cfg.keep_last]:
-        discard_folder(old)
-    return final
+                    progress: Progress, cfg: TrainConfig, rank: int) -> None:
+    """Write ``checkpoints/step-N`` in a temporary folder, then rename it into place; prune old ones.
+    Every rank calls it: rank 0 writes, the others wait until it is done."""
+    if rank == 0:
+        root = out_dir / CHECKPOINTS
+        root.mkdir(parents=True, exist_ok=True)
+        with staged_folder(root / f"step-{progress.step:07d}") as tmp:
+            save_model_folder(student, tokenizer_files, tmp)
+            write_training_state(tmp, {
+                "progress": progress.__dict__.copy(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "projection": None if student.projection is None else student.projection.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate()},
+            })
+            (tmp / TRAIN_CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+        for old in checkpoint_dirs(out_dir)[:-cfg.keep_last]:
+            discard_folder(old)
+    barrier()
 
 
 def _inside(path: str, folder: str) -> str | None:
@@ -339,7 +346,7 @@ def read_checkpoint_config(checkpoint: Path, overrides: dict | None = None) -> T
     named in the saved ``out_dir``. Other paths (data, teacher, a cache elsewhere) are inputs, kept.
     """
     checkpoint = Path(checkpoint)
-    path = checkpoint / CONFIG_FILE
+    path = checkpoint / TRAIN_CONFIG_FILE
     if not path.is_file():
         raise ModelFileError(f"{path} is missing: {checkpoint} is not a complete checkpoint")
     try:
@@ -379,7 +386,41 @@ def keep_metrics_until(path: Path, step: int, log) -> None:
             f"{len(text.splitlines()) - len(kept)} line(s) after it or cut short")
 
 
-# -- the loop -------------------------------------------------------------------------------------
+# -- a run ----------------------------------------------------------------------------------------
+
+
+def prepare_run_folder(out_dir: Path, rank: int, log) -> None:
+    """Create ``out_dir`` and remove what a killed run was writing there: staging folders as large as a
+    checkpoint."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        clean_leftovers(out_dir / CHECKPOINTS, log=log)
+        for name in (FINAL, METRICS_FILE):
+            clean_leftovers(out_dir, name, log=log)
+    barrier()
+
+
+def load_student(cfg: TrainConfig, resume_from: Path | None, teacher: Teacher, device: str, rank: int,
+                 log) -> tuple[Student, DeweyTokenizer, dict[str, bytes]]:
+    """The student to train, its tokenizer and tokenizer files, from the folder training starts from:
+    the checkpoint resumed, ``init_from``, or a new student written to ``out_dir/init``."""
+    if resume_from is not None:
+        source = Path(resume_from)
+    elif cfg.init_from:
+        source = Path(cfg.init_from)
+    else:
+        source = Path(cfg.out_dir) / "init"
+        if rank == 0:
+            build_student(cfg.student, teacher.path, source, seed=cfg.seed)
+            log(f"new student written to {source}")
+        barrier()
+    tokenizer_files = read_tokenizer_files(source)
+    torch.manual_seed(cfg.seed)
+    model = DeweyModel.from_pretrained(source, attention=cfg.attention, device=device).train()
+    if cfg.gradient_checkpointing:
+        model.backbone.activation_checkpointing_enable({"use_reentrant": False})
+    student = Student(model, teacher.dim).to(device)
+    return student, DeweyTokenizer.from_folder(source, load_config(source)), tokenizer_files
 
 
 def prepare_examples(cfg: TrainConfig, tokenizer: DeweyTokenizer, teacher: Teacher, variants: int, rank: int,
@@ -406,15 +447,100 @@ def prepare_examples(cfg: TrainConfig, tokenizer: DeweyTokenizer, teacher: Teach
     return per_variant
 
 
-def make_batch(examples: list[Sample], pad_token_id: int, device):
-    ids, mask, bounds = pad_batch([e.row for e in examples], [e.spans for e in examples], pad_token_id)
-    counts = torch.tensor([len(e.spans) for e in examples])
-    valid = torch.arange(bounds.shape[1]).unsqueeze(0) < counts.unsqueeze(1)
-    cls_target = torch.from_numpy(np.stack([e.cls_target for e in examples]))
-    chunk_target = torch.from_numpy(np.concatenate([e.chunk_targets for e in examples]))
-    to = dict(device=device)
-    return (torch.from_numpy(ids).to(**to), torch.from_numpy(mask).to(**to), torch.from_numpy(bounds).to(**to),
-            valid.to(**to), cls_target.to(**to), chunk_target.to(**to), int(mask.sum()))
+def count_steps(examples: list[Sample], cfg: TrainConfig, rank: int, world: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, optimizer steps of the run) on ``examples``."""
+    steps_per_epoch = len(epoch_batches(examples, cfg, 0, rank, world)) // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"too little data for one optimizer step: {len(examples)} examples, {world} rank(s), "
+                         f"batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum}")
+    return steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch
+
+
+def make_optimizer(student: Student, cfg: TrainConfig, total_steps: int):
+    """(optimizer, scheduler): the configured AdamW over the trainable parameters, its learning rate
+    warmed up and decayed by ``lr_multiplier``."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    if cfg.optimizer == "stable_adamw":
+        from optimi import StableAdamW as optimizer_class
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, total_steps))
+    return optimizer, scheduler
+
+
+class MetricsLog:
+    """The window of micro-batches since the last record: their loss terms and tokens. Every
+    ``log_every`` steps and at the last step, the window's mean terms, the step's lr and grad norm and
+    the tokens/s since the last record become one line of ``metrics.jsonl`` and the window starts
+    again. Rank 0 writes (and shows the progress bar); every rank sums its tokens into the record."""
+
+    TERMS = ("loss", "cos_cls", "sim_cls", "cos_chunks", "sim_chunks")
+
+    def __init__(self, path: Path, progress: Progress, total_steps: int, log_every: int, rank: int,
+                 show_progress: bool, log):
+        self.path, self.total_steps, self.log_every, self.rank = path, total_steps, log_every, rank
+        self.bar = None
+        if rank == 0:
+            keep_metrics_until(path, progress.step, log)
+            if show_progress:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total_steps, initial=progress.step, unit="step", desc="train")
+        self.start_window()
+
+    def start_window(self) -> None:
+        self.sums = dict.fromkeys(self.TERMS, 0.0)
+        self.micro_batches, self.tokens, self.started = 0, 0, time.time()
+
+    def add(self, loss: float, terms: dict[str, float], tokens: int) -> None:
+        """One micro-batch: its loss, its loss terms and its non-padding tokens."""
+        self.sums["loss"] += loss
+        for key, value in terms.items():
+            self.sums[key] += value
+        self.micro_batches += 1
+        self.tokens += tokens
+
+    def step_done(self, progress: Progress, lr: float, grad_norm: float) -> None:
+        """After optimizer step ``progress.step``; a record also counts its window's tokens in ``progress``."""
+        if self.bar is not None:
+            self.bar.update(1)
+        if progress.step % self.log_every and progress.step != self.total_steps:
+            return
+        tokens = all_sum(self.tokens)
+        elapsed = time.time() - self.started
+        progress.tokens += int(tokens)
+        record = {"step": progress.step, "epoch": progress.epoch, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tokens / max(elapsed, 1e-9), "tokens": progress.tokens,
+                  "elapsed_s": round(progress.seconds, 1)}
+        record.update({key: value / self.micro_batches for key, value in self.sums.items()})
+        if self.rank == 0:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        self.start_window()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_final(folder: Path, student: Student, tokenizer_files: dict[str, bytes], progress: Progress,
+                teacher: Teacher, export_projection: bool, rank: int) -> None:
+    """``final/``: the trained model folder and ``training_summary.json``, written in a staging folder.
+    Every rank calls it: rank 0 writes, the others wait until it is done."""
+    if rank == 0:
+        with staged_folder(folder) as tmp:
+            save_model_folder(student, tokenizer_files, tmp, export_projection)
+            (tmp / SUMMARY_FILE).write_text(json.dumps({
+                "steps": progress.step, "epochs_started": progress.epoch, "tokens": progress.tokens,
+                "train_seconds": round(progress.seconds, 1),
+                "tokens_per_s": round(progress.tokens / max(progress.seconds, 1e-9), 1),
+                "teacher": teacher.name, "teacher_id": teacher.id,
+            }, indent=2) + "\n", encoding="utf-8")
+    barrier()
 
 
 def train(cfg: TrainConfig, resume_from: Path | None = None, device: str = "cpu", log=None,
@@ -423,163 +549,66 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, device: str = "cpu"
 
     ``state_out``, if given, receives the trained ``student`` and ``progress`` (tests, notebooks).
     """
-    rank, world = setup_distributed(device)
-    if device == "cuda" and world > 1:  # one GPU per rank under torchrun
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-        torch.cuda.set_device(device)
-    log = log or (lambda message: print(message, flush=True))
-    say = log if rank == 0 else (lambda message: None)
-    if device == "cpu":
-        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
+    rank, world, device = setup_process(cfg, device)
+    say = (log or (lambda message: print(message, flush=True))) if rank == 0 else (lambda message: None)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     # Read first: a bad checkpoint fails in a moment, not after the teacher's work.
     saved = read_training_state(resume_from) if resume_from is not None else None
-    if rank == 0:  # what a killed run was writing: staging folders as large as a checkpoint
-        clean_leftovers(out_dir / CHECKPOINTS, log=say)
-        for name in (FINAL, METRICS_FILE):
-            clean_leftovers(out_dir, name, log=say)
-    barrier()
-
+    prepare_run_folder(out_dir, rank, say)
     teacher = Teacher(cfg.teacher, cfg.resolved_teacher_cache(), device=device, batch_size=cfg.teacher_batch_size)
-    if resume_from is not None:
-        source = Path(resume_from)
-    elif cfg.init_from:
-        source = Path(cfg.init_from)
-    else:
-        source = out_dir / "init"
-        if rank == 0:
-            build_student(cfg.student, teacher.path, source, seed=cfg.seed)
-            say(f"new student written to {source}")
-        barrier()
-    tokenizer_files = read_tokenizer_files(source)
-    torch.manual_seed(cfg.seed)
-    model = DeweyModel.from_pretrained(source, attention=cfg.attention, device=device).train()
-    if cfg.gradient_checkpointing:
-        model.backbone.activation_checkpointing_enable({"use_reentrant": False})
-    student = Student(model, teacher.dim).to(device)
-    tokenizer = DeweyTokenizer.from_folder(source, load_model_config(source))
+    student, tokenizer, tokenizer_files = load_student(cfg, resume_from, teacher, device, rank, say)
     per_variant = prepare_examples(cfg, tokenizer, teacher, cfg.chunk_variants, rank, world, say)
-
-    params = [p for p in student.parameters() if p.requires_grad]
-    if cfg.optimizer == "stable_adamw":
-        from optimi import StableAdamW
-
-        optimizer = StableAdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    lengths = [[len(e.row) for e in examples] for examples in per_variant]
-    steps_per_epoch = len(epoch_batches(lengths[0], cfg, 0, rank, world)) // cfg.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"too little data for one optimizer step: {len(lengths[0])} examples, {world} rank(s), "
-                         f"batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum}")
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, total_steps))
-
+    steps_per_epoch, total_steps = count_steps(per_variant[0], cfg, rank, world)
+    optimizer, scheduler = make_optimizer(student, cfg, total_steps)
     progress = Progress()
     if saved is not None:
-        progress = restore_training_state(saved, student, optimizer, scheduler, Path(resume_from))
-        say(f"resumed from {resume_from}: step {progress.step}, epoch {progress.epoch}, batch {progress.batch}")
-
-    trained = student
-    if world > 1:
-        trained = nn.parallel.DistributedDataParallel(student)
-    autocast = (torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if cfg.bf16 else nullcontext())
-    metrics_path = out_dir / METRICS_FILE
-    if rank == 0:
-        keep_metrics_until(metrics_path, progress.step, say)
+        progress = restore_training_state(saved, student, optimizer, scheduler, Path(resume_from), say)
+    trained = nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+    metrics = MetricsLog(out_dir / METRICS_FILE, progress, total_steps, cfg.log_every, rank, show_progress, say)
     say(f"training: {total_steps} steps ({steps_per_epoch} per epoch), {world} rank(s), "
         f"batch {cfg.batch_size} x accum {cfg.grad_accum} x ranks {world}")
-
-    bar = None
-    if rank == 0 and show_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=progress.step, unit="step", desc="train")
-    window = {"loss": 0.0, "cos_cls": 0.0, "sim_cls": 0.0, "cos_chunks": 0.0, "sim_chunks": 0.0, "n": 0}
-    window_tokens, window_start = 0, time.time()
-    session_start = time.time() - progress.seconds
+    started = time.time() - progress.seconds
     last_saved = progress.step if resume_from is not None else -1
     # With max_steps the epochs go on (cycling the data) until that step; otherwise `epochs` ends it.
     while progress.step < total_steps and (cfg.max_steps or progress.epoch < cfg.epochs):
-        variant = progress.epoch % len(per_variant)
-        examples = per_variant[variant]
-        batches = epoch_batches(lengths[variant], cfg, progress.epoch, rank, world)
-        usable = len(batches) // cfg.grad_accum * cfg.grad_accum
-        while progress.batch < usable and progress.step < total_steps:
+        examples = per_variant[progress.epoch % len(per_variant)]
+        batches = epoch_batches(examples, cfg, progress.epoch, rank, world)
+        while progress.batch < len(batches) and progress.step < total_steps:
             batch = [examples[i] for i in batches[progress.batch]]
             ids, mask, bounds, valid, cls_t, chunk_t, n_tokens = make_batch(batch, tokenizer.config.pad_token_id, device)
             last_micro = (progress.batch + 1) % cfg.grad_accum == 0
-            sync = trained.no_sync() if (world > 1 and not last_micro) else nullcontext()
-            with sync:
+            with trained.no_sync() if (world > 1 and not last_micro) else nullcontext():
                 with autocast:
                     cls, spans = trained(ids, mask, bounds)
                 loss, terms = distillation_loss(cls.float(), cls_t, spans.float()[valid], chunk_t,
                                                 cfg.cosine_weight, cfg.similarity_weight)
                 (loss / cfg.grad_accum).backward()
             progress.batch += 1
-            window_tokens += n_tokens
-            window["loss"] += float(loss.detach())
-            for key, value in terms.items():
-                window[key] += value
-            window["n"] += 1
+            metrics.add(float(loss.detach()), terms, n_tokens)
             if not last_micro:
                 continue
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             progress.step += 1
-            if bar is not None:
-                bar.update(1)
-            if progress.step % cfg.log_every == 0 or progress.step == total_steps:
-                tokens = all_sum(window_tokens)
-                elapsed = time.time() - window_start
-                progress.tokens += int(tokens)
-                record = {"step": progress.step, "epoch": progress.epoch, "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": tokens / max(elapsed, 1e-9), "tokens": progress.tokens,
-                          "elapsed_s": round(time.time() - session_start, 1)}
-                record.update({k: v / window["n"] for k, v in window.items() if k != "n"})
-                if rank == 0:
-                    with metrics_path.open("a", encoding="utf-8") as handle:
-                        handle.write(json.dumps(record) + "\n")
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                window = dict.fromkeys(window, 0.0)
-                window["n"] = 0
-                window_tokens, window_start = 0, time.time()
+            progress.seconds = time.time() - started
+            metrics.step_done(progress, lr, grad_norm)
             if progress.step % cfg.save_every == 0:
-                progress.seconds = time.time() - session_start
-                if rank == 0:
-                    save_checkpoint(out_dir, student, tokenizer_files, optimizer, scheduler, progress, cfg)
-                barrier()
+                save_checkpoint(out_dir, student, tokenizer_files, optimizer, scheduler, progress, cfg, rank)
                 last_saved = progress.step
-        if progress.batch >= usable:
-            progress.epoch += 1
-            progress.batch = 0
-    if bar is not None:
-        bar.close()
-
-    progress.seconds = time.time() - session_start
-    final = out_dir / FINAL
-    if rank == 0:
-        if last_saved != progress.step:
-            save_checkpoint(out_dir, student, tokenizer_files, optimizer, scheduler, progress, cfg)
-        with staged_folder(final) as tmp:
-            save_model_folder(student, tokenizer_files, tmp, cfg.export_projection)
-            (tmp / "training_summary.json").write_text(json.dumps({
-                "steps": progress.step, "epochs_started": progress.epoch, "tokens": progress.tokens,
-                "train_seconds": round(progress.seconds, 1),
-                "tokens_per_s": round(progress.tokens / max(progress.seconds, 1e-9), 1),
-                "teacher": teacher.name, "teacher_id": teacher.id,
-            }, indent=2) + "\n", encoding="utf-8")
-        say(f"done: {progress.step} steps, {progress.tokens} tokens in {progress.seconds:.0f} s -> {final}")
-    barrier()
+        if progress.batch >= len(batches):
+            progress.epoch, progress.batch = progress.epoch + 1, 0
+    metrics.close()
+    if last_saved != progress.step:
+        save_checkpoint(out_dir, student, tokenizer_files, optimizer, scheduler, progress, cfg, rank)
+    write_final(out_dir / FINAL, student, tokenizer_files, progress, teacher, cfg.export_projection, rank)
+    say(f"done: {progress.step} steps, {progress.tokens} tokens in {progress.seconds:.0f} s -> {out_dir / FINAL}")
     if state_out is not None:
         state_out.update(student=student, progress=progress)
-    return final
+    return out_dir / FINAL
 
 
 def batch_loss(student: Student, examples: list[Sample], cfg: TrainConfig, pad_token_id: int) -> float:

@@ -22,18 +22,6 @@ TEXTS = ("served by ONNX Runtime", "a process without torch", "the sky is blue")
 HEAVY_MODULES = ("torch", "transformers")
 
 
-def export(model: Path | None, out: Path) -> None:
-    """``dewey-export [--model MODEL] --to onnx --out OUT``; exits with its code if it fails."""
-    command = [sys.executable, "-m", "dewey_export.cli", "--to", "onnx", "--out", str(out)]
-    if model is not None:
-        command += ["--model", str(model)]
-    print("exporting:", "dewey-export", *command[3:], flush=True)
-    result = subprocess.run(command)
-    if result.returncode != 0:
-        print(f"dewey-export failed with exit code {result.returncode}", file=sys.stderr)
-        sys.exit(result.returncode)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="Checkpoint folder (default: the packaged dewey-mini).")
@@ -41,7 +29,11 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="dewey-onnx-")) / "export"
 
-    export(args.model, out)
+    # dewey-export runs as a child process: the export needs torch, this process serves without it.
+    options = ["--to", "onnx", "--out", str(out), *(["--model", str(args.model)] if args.model else [])]
+    print("exporting: dewey-export", *options, flush=True)
+    if code := subprocess.call([sys.executable, "-m", "dewey_export.cli", *options]):
+        sys.exit(code)  # dewey-export has said why
     encoder = load(out, backend="onnx")
     print(f"serving: {encoder}")
     vectors = encoder.encode(list(TEXTS), prompt="query")

@@ -26,19 +26,6 @@ DEFAULT_BUCKETS = "512x16,8192x2"
 TEXTS = ("encoded by a TensorRT engine", "an engine built for this GPU", "the sky is blue")
 
 
-def build_engine(model: Path | None, out: Path, precision: str, buckets: str) -> None:
-    """``dewey-export [--model MODEL] --to trt --out OUT ...``; exits with its code if it fails."""
-    command = [sys.executable, "-m", "dewey_export.cli", "--to", "trt", "--out", str(out),
-               "--precision", precision, "--buckets", buckets]
-    if model is not None:
-        command += ["--model", str(model)]
-    print("building:", "dewey-export", *command[3:], flush=True)
-    result = subprocess.run(command)
-    if result.returncode != 0:
-        print(f"dewey-export failed with exit code {result.returncode}", file=sys.stderr)
-        sys.exit(result.returncode)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="Checkpoint folder (default: the packaged dewey-mini).")
@@ -53,7 +40,11 @@ def main() -> None:
         print(f"cannot build a TensorRT engine here: {missing}", file=sys.stderr)
         sys.exit(EXIT_NO_TENSORRT)
     out = args.out or Path(tempfile.mkdtemp(prefix="dewey-trt-")) / "engine"
-    build_engine(args.model, out, args.precision, args.buckets)
+    options = ["--to", "trt", "--out", str(out), "--precision", args.precision, "--buckets", args.buckets,
+               *(["--model", str(args.model)] if args.model else [])]
+    print("building: dewey-export", *options, flush=True)
+    if code := subprocess.call([sys.executable, "-m", "dewey_export.cli", *options]):
+        sys.exit(code)  # dewey-export has said why
     encoder = load(out, backend="trt", device="cuda")
     print(f"serving: {encoder}")
     vectors = encoder.encode(list(TEXTS), prompt="query")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backends import Backend
 from .batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, pad_batch, plan_batches
 from .chunking import RecursiveSplitter, char_spans, check_chunk_args, chunk_spans
 from .config import SINGLE_VECTOR_TYPES, DeweyConfig
@@ -73,7 +74,7 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 class Encoder:
     """One encode API over any backend (see ``runtimes.load``)."""
 
-    def __init__(self, config: DeweyConfig, tokenizer: DeweyTokenizer, backend):
+    def __init__(self, config: DeweyConfig, tokenizer: DeweyTokenizer, backend: Backend):
         self.config = config
         self.tokenizer = tokenizer
         self.backend = backend

@@ -32,18 +32,17 @@ def teacher_agreement(model_folder: Path, cfg: TrainConfig, teacher, documents: 
     """Mean student-teacher cosine for CLS (whole text) and chunk vectors, training chunking (variant 0)."""
     import torch
 
-    from runtimes.config import load_config as load_model_config
+    from runtimes.config import load_config
     from runtimes.modeling import DeweyModel
     from runtimes.tokenization import DeweyTokenizer
 
-    from ..samples import SampleBuilder, attach_targets, split_into_pieces
-    from ..trainer import make_batch
+    from ..samples import SampleBuilder, attach_targets, make_batch, split_into_pieces
 
     model = DeweyModel.from_pretrained(model_folder)
     if model.vector_size != teacher.dim:
         return {"skipped": f"the student gives {model.vector_size}-d vectors and the teacher {teacher.dim}-d; "
                            "train with export_projection = true to compare them"}
-    tokenizer = DeweyTokenizer.from_folder(model_folder, load_model_config(model_folder))
+    tokenizer = DeweyTokenizer.from_folder(model_folder, load_config(model_folder))
     plain = dataclasses.replace(cfg, prompts=[None])
     builder = SampleBuilder(tokenizer, plain, teacher.max_tokens)
     examples = builder.build(split_into_pieces(documents, tokenizer, builder.budget, plain.min_text_tokens))

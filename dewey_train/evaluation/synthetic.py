@@ -170,7 +170,7 @@ class _Draft:
     tokens: int = 0
 
 
-def _build(filler: _Filler, draft: _Draft) -> None:
+def _fill_draft(filler: _Filler, draft: _Draft) -> None:
     """Fill ``draft.text``: filler from ``draft.start`` worth about ``draft.budget`` tokens, fact inside."""
     per_cycle = int(filler.tokens.sum())
     cycles = int(np.ceil(max(draft.budget, 1) * 1.5 / per_cycle)) + 1
@@ -191,7 +191,7 @@ def _refine(filler: _Filler, drafts: list[_Draft], todo: list[int], length: int,
     version in ``best``; return those still further than ``_LENGTH_AIM`` from ``length``."""
     for _ in range(_REFINE_ROUNDS):
         for i in todo:
-            _build(filler, drafts[i])
+            _fill_draft(filler, drafts[i])
         measured = count_tokens([drafts[i].text for i in todo])
         still = []
         for i, tokens in zip(todo, measured):

