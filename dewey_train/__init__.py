@@ -2,7 +2,7 @@
 
 - ``data``: text sources, the built-in stdlib corpus, the stable train / held-out split;
 - ``samples``: pieces, seeded training chunks (``encode_chunks``' own, from ``runtimes.chunking``) and
-  teacher targets;
+  teacher targets, and ``make_batch``, which pads samples into tensors;
 - ``teacher``: a sentence-transformers teacher behind an SQLite vector cache;
 - ``losses``: cosine and similarity-matrix losses; ``trainer``: the loop, DDP, checkpoints, resume;
 - ``evaluation``: teacher agreement, metrics, long-document retrieval, passkey / needle tasks and
