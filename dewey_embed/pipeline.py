@@ -150,11 +150,15 @@ class BatchEmbedder:
         with warnings.catch_warnings():
             # Truncation is recorded per document (truncated_tokens), not warned about per window.
             warnings.simplefilter("ignore", TruncationWarning)
-            vectors[rows] = self.encoder.encode(texts, mode=options.mode, **common)
             if not options.chunks:
+                vectors[rows] = self.encoder.encode(texts, mode=options.mode, **common)
                 return []
-            return self.encoder.encode_chunks(texts, chunk_size=options.chunk_size,
-                                              chunk_overlap=options.chunk_overlap, splitter=options.splitter, **common)
+            # One forward pass per document gives its vector and its chunks' vectors together.
+            documents = self.encoder.encode_chunks(texts, chunk_size=options.chunk_size, mode=options.mode,
+                                                   chunk_overlap=options.chunk_overlap, splitter=options.splitter,
+                                                   **common)
+            vectors[rows] = np.stack([document.vector for document in documents])
+            return documents
 
     def _chunk_lists(self, documents, rows: list[int], embedded: np.ndarray) -> pa.Array:
         """The ``chunks`` column: the list of its chunks for each embedded row, null for the others."""

@@ -33,13 +33,15 @@ class ChunkedDocument:
     """Late-chunking result for one text.
 
     ``token_spans`` index the text's own tokens (no [CLS], no prompt); ``char_spans`` index the original
-    string, so ``text[a:b] == texts[j]``; ``truncated_tokens`` counts text tokens cut by ``max_length``.
+    string, so ``text[a:b] == texts[j]``; ``vector`` is what ``encode`` gives for the text, pooled in the
+    same forward pass as the chunks; ``truncated_tokens`` counts text tokens cut by ``max_length``.
     """
 
     vectors: np.ndarray  # float32 [n_chunks, D]
     token_spans: list[tuple[int, int]]
     char_spans: list[tuple[int, int]]
     texts: list[str]
+    vector: np.ndarray  # float32 [D]: the whole text's single vector (``mode``), from the same pass
     truncated_tokens: int = 0
 
 
@@ -69,6 +71,20 @@ class _Job:
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.maximum(norm, np.finfo(x.dtype).tiny)
+
+
+def single_vectors(cls: np.ndarray, mean: np.ndarray, mode: str, normalize: bool) -> np.ndarray:
+    """The single-vector modes from the CLS and text-mean outputs [N, D]: ``cls``, ``mean`` or
+    ``cls_add_mean`` = normalize(normalize(cls) + normalize(mean)); float32."""
+    if mode == "cls":
+        out = cls
+    elif mode == "mean":
+        out = mean
+    else:
+        out = l2_normalize(cls) + l2_normalize(mean)
+    if normalize:
+        out = l2_normalize(out)
+    return out.astype(np.float32, copy=False)
 
 
 class Encoder:
@@ -117,9 +133,7 @@ class Encoder:
         truncate: cut texts longer than ``max_length`` (default: the model's maximum) and warn with a
         ``TruncationWarning``; with False such a text raises ValueError instead.
         """
-        mode = self.config.single_vector_type if mode is None else mode
-        if mode not in SINGLE_VECTOR_TYPES:
-            raise ValueError(f"mode must be one of {SINGLE_VECTOR_TYPES}, got {mode!r}")
+        mode = self._mode(mode)
         job = self._prepare(
             texts, max_length, truncate, prompt=prompt, prompt_name=prompt_name, normalize=normalize,
             normalize_embeddings=normalize_embeddings, show_progress=show_progress, show_progress_bar=show_progress_bar,
@@ -128,16 +142,7 @@ class Encoder:
             return np.zeros((0, self.vector_size), dtype=np.float32)
         spans = [np.array([[job.text_start, job.text_start + n]], dtype=np.int64) for n in job.kept]
         cls, means = self._forward_rows(job.rows, spans, batch_size, max_batch_tokens, job.show_progress)
-        mean = np.stack([m[0] for m in means])
-        if mode == "cls":
-            out = cls
-        elif mode == "mean":
-            out = mean
-        else:
-            out = l2_normalize(cls) + l2_normalize(mean)
-        if job.normalize:
-            out = l2_normalize(out)
-        out = out.astype(np.float32, copy=False)
+        out = single_vectors(cls, np.stack([m[0] for m in means]), mode, job.normalize)
         return out[0] if job.single else out
 
     def encode_chunks(
@@ -154,6 +159,7 @@ class Encoder:
         truncate: bool = True,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         *,
+        mode: str | None = None,
         normalize_embeddings: bool | None = None,
         show_progress_bar: bool | None = None,
         prompt_name: str | None = None,
@@ -163,9 +169,11 @@ class Encoder:
         texts, the prompt and the switches as for ``encode``. chunk_size and chunk_overlap count tokens
         of the model's tokenizer; splitter is ``tokens`` (fixed windows on token ids), ``words``
         (windows ending at word boundaries) or ``recursive`` (paragraph, line, sentence, word
-        boundaries); the spans come from ``runtimes.chunking.chunk_spans``.
+        boundaries); the spans come from ``runtimes.chunking.chunk_spans``. Each document also carries
+        its single ``vector`` in ``mode`` (as for ``encode``), pooled from the same pass.
         """
         check_chunk_args(chunk_size, chunk_overlap, splitter)
+        mode = self._mode(mode)
         job = self._prepare(
             texts, max_length, truncate, prompt=prompt, prompt_name=prompt_name, normalize=normalize,
             normalize_embeddings=normalize_embeddings, show_progress=show_progress, show_progress_bar=show_progress_bar,
@@ -176,12 +184,17 @@ class Encoder:
             chunk_spans(text, tok.offsets[:n], chunk_size, chunk_overlap, splitter, self._recursive)
             for text, tok, n in zip(job.texts, job.tokens, job.kept)
         ]
-        _, chunk_vectors = self._forward_rows(
-            job.rows, [s + job.text_start for s in token_spans], batch_size, max_batch_tokens, job.show_progress
-        )
+        # One pass per text: its chunk spans, then the whole text's span (the `mean` of its vector).
+        row_spans = [
+            np.concatenate([s + job.text_start, [[job.text_start, job.text_start + n]]]).astype(np.int64)
+            for s, n in zip(token_spans, job.kept)
+        ]
+        cls, span_vectors = self._forward_rows(job.rows, row_spans, batch_size, max_batch_tokens, job.show_progress)
+        doc_vectors = single_vectors(cls, np.stack([v[-1] for v in span_vectors]), mode, job.normalize)
         docs = []
-        for text, tok, n, spans, vectors in zip(job.texts, job.tokens, job.kept, token_spans, chunk_vectors):
+        for i, (text, tok, n, spans) in enumerate(zip(job.texts, job.tokens, job.kept, token_spans)):
             chars = char_spans(tok.offsets, spans)
+            vectors = span_vectors[i][:-1]
             if job.normalize:
                 vectors = l2_normalize(vectors)
             docs.append(
@@ -190,12 +203,19 @@ class Encoder:
                     token_spans=[(int(a), int(b)) for a, b in spans],
                     char_spans=[(int(a), int(b)) for a, b in chars],
                     texts=[text[a:b] for a, b in chars],
+                    vector=doc_vectors[i],
                     truncated_tokens=len(tok.ids) - n,
                 )
             )
         return docs[0] if job.single else docs
 
     # -- shared steps --------------------------------------------------------------------------
+
+    def _mode(self, mode: str | None) -> str:
+        mode = self.config.single_vector_type if mode is None else mode
+        if mode not in SINGLE_VECTOR_TYPES:
+            raise ValueError(f"mode must be one of {SINGLE_VECTOR_TYPES}, got {mode!r}")
+        return mode
 
     def _prepare(
         self, texts, max_length, truncate, *, prompt, prompt_name, normalize, normalize_embeddings, show_progress,

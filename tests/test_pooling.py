@@ -369,3 +369,16 @@ def test_bf16_vectors_close_to_fp32(encoder, bf16_encoder, long_text):
     assert docs16.token_spans == docs32.token_spans
     for u, v in zip(docs32.vectors, docs16.vectors):
         assert _cosine(u, v) >= 0.99
+
+
+@pytest.mark.parametrize("mode", ["cls", "mean", "cls_add_mean"])
+def test_encode_chunks_gives_the_encode_vector_from_the_same_pass(encoder, long_text, mode):
+    """ChunkedDocument.vector is pooled in the pass that gives the chunks, and equals encode's vector;
+    the extra whole-text span leaves the chunk vectors as they are."""
+    texts = [long_text[:2500], "a short one", long_text[3000:3400]]
+    docs = encoder.encode_chunks(texts, chunk_size=32, chunk_overlap=8, mode=mode, prompt="query")
+    expected = encoder.encode(texts, mode=mode, prompt="query")
+    for doc, vector, text in zip(docs, expected, texts):
+        np.testing.assert_allclose(doc.vector, vector, atol=FP32_ATOL)
+        alone = encoder.encode_chunks(text, chunk_size=32, chunk_overlap=8, mode=mode, prompt="query")
+        np.testing.assert_allclose(doc.vectors, alone.vectors, atol=FP32_ATOL)
