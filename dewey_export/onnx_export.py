@@ -2,7 +2,8 @@
 
 The graph is ``DeweyModel.forward`` traced by ``torch.onnx.export(dynamo=True)``: the backend contract
 as graph I/O, dynamic ``batch``, ``sequence`` and ``chunks`` axes, span pooling (float64 prefix sums)
-before the head. Everything is written into a staging folder beside the target and renamed into place
+before the head. A reduced-precision (fp16) graph must also pass the quality gate on real text
+(dewey_export.gate). Everything is written into a staging folder beside the target and renamed into place
 at the end (runtimes.files), so an interrupted export never leaves a half-written folder, and the next
 export into the same place removes what a killed one left. Only a previous export is ever replaced, and
 only with ``overwrite`` (``check_output_folder``).
@@ -33,13 +34,22 @@ from runtimes.files import clean_leftovers, staged_folder
 from runtimes.precision import precision_name
 from runtimes.tokenization import TOKENIZER_FILE
 
-from .verify import check_checkpoint, compare_backends, skipped_report, source_hashes
+from .verify import check_checkpoint, skipped_report, source_hashes
 
 SUPPORTED_OPSETS = (18, 23)
 # Where the graph will run decides the form of global attention (runtimes.attention):
 # cpu: ONNX Runtime's contrib MultiHeadAttention (its CPU flash kernel is linear in memory);
-# gpu: the standard ONNX Attention op of opset 23, which TensorRT 10.14+ fuses; no contrib ops.
-TARGETS = {"cpu": {"opset": 18, "global_kernel": "ort_contrib"}, "gpu": {"opset": 23, "global_kernel": "sdpa"}}
+# gpu: the standard ONNX Attention op of opset 23, which TensorRT 10.15.1+ imports (with
+# RotaryEmbedding); no contrib ops.
+# openvino: the gpu form, the source of dewey_export.openvino_export (which explains the choice).
+# And how span pooling accumulates (runtimes.modeling.POOLING_ACCUMULATIONS): float64 where the runtime
+# has it; centered float32 for TensorRT, which has no float64, and OpenVINO's CPU plugin, which runs
+# float64 nodes in float32.
+TARGETS = {
+    "cpu": {"opset": 18, "global_kernel": "ort_contrib", "pooling": "float64"},
+    "gpu": {"opset": 23, "global_kernel": "sdpa", "pooling": "centered_float32"},
+    "openvino": {"opset": 23, "global_kernel": "sdpa", "pooling": "centered_float32"},
+}
 ATTENTION_FORMS = {
     ("linear", "ort_contrib"): "com.microsoft.MultiHeadAttention, no mask (key padding folded into the keys)",
     ("linear", "sdpa"): "ONNX Attention (opset 23) or MatMul/Softmax (opset 18), no mask",
@@ -67,12 +77,14 @@ class ExportResult:
 
     @property
     def passed(self) -> bool:
-        return self.parity.get("passed") is not False
+        """Parity held, and the quality gate too where it ran (reduced-precision exports)."""
+        return self.parity.get("passed") is not False and self.manifest.get("gate", {}).get("passed") is not False
 
 
 def tool_versions() -> dict:
     versions = {}
-    for name in ("dewey", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu"):
+    for name in ("dewey", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
+                 "openvino", "nncf"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -158,14 +170,17 @@ def load_reference(checkpoint: Path, attention: str, log):
 
 
 def export_onnx(checkpoint, out, target: str = "cpu", opset: int | None = None, attention: str = "linear",
-                precision: str = "fp32", verify: bool = True, overwrite: bool = False, log=print) -> ExportResult:
-    """Export ``checkpoint`` to the folder ``out``; returns the manifest (its parity report included).
+                precision: str = "fp32", verify: bool = True, overwrite: bool = False, gate_data=None,
+                log=print) -> ExportResult:
+    """Export ``checkpoint`` to the folder ``out``; returns the manifest (its parity and quality gate
+    reports included).
 
     target: ``cpu`` (ONNX Runtime) or ``gpu`` (TensorRT, ORT CUDA); opset: 18 or 23 (default: the
     target's, and gpu needs 23); attention: ``linear`` (linear memory, the default) or ``dense`` (the
     plain transformers graph, quadratic, kept for comparison); precision: ``fp32``, or ``fp16``/``bf16``
     with LayerNorm, softmax, rotary tables and pooling kept in float32 inside the graph (what strongly
-    typed TensorRT builds from). The gpu target pools with float32 (TensorRT has no float64).
+    typed TensorRT builds from). The gpu target pools with float32 (TensorRT has no float64). An fp16
+    graph also passes the quality gate (dewey_export.gate) on ``gate_data`` (None: the built-in texts).
     A failed verification still publishes the folder, its numbers in the manifest, so the failure can
     be inspected; the caller decides what to do with ``result.passed`` (the CLI exits 1).
     ``out`` is checked by ``check_output_folder`` first; what a killed export left beside it is removed.
@@ -176,7 +191,7 @@ def export_onnx(checkpoint, out, target: str = "cpu", opset: int | None = None, 
     prepare_output(checkpoint, out, overwrite, log)
     with staged_folder(out) as staging:  # made first: an --out that cannot be written fails before the load
         model = load_reference(checkpoint, options.attention, log)
-        manifest = write_export(checkpoint, config, model, staging, options, verify, log)
+        manifest = write_export(checkpoint, config, model, staging, options, verify, log, gate_data)
     log(f"Wrote {out}")
     return ExportResult(out, manifest)
 
@@ -191,13 +206,12 @@ def graph_model(model, options: GraphOptions):
     traced = copy.deepcopy(model)
     if options.attention == "linear":
         set_global_kernel(traced.backbone, options.global_kernel)
-    if options.target == "gpu":
-        traced.pooling = "centered_float32"
+    traced.pooling = TARGETS[options.target]["pooling"]
     return reduce_precision(traced, torch_dtype(options.precision))
 
 
 def write_export(checkpoint: Path, config: DeweyConfig, model, folder: Path, options: GraphOptions, verify: bool,
-                 log) -> dict:
+                 log, gate_data=None) -> dict:
     """Fill the empty ``folder`` with the export of ``checkpoint`` and its manifest; returns the manifest.
 
     ``config`` and ``model`` (fp32, from ``load_reference``) are the checkpoint's, read once by the caller;
@@ -207,9 +221,36 @@ def write_export(checkpoint: Path, config: DeweyConfig, model, folder: Path, opt
     from runtimes.backends.onnx_backend import OnnxBackend
     from runtimes.backends.torch_backend import TorchBackend
 
+    from .gate import skipped_gate, verify_candidate
+
+    onnx_path = folder / ONNX_FILE
+    traced, export_seconds = trace_graph(model, options, onnx_path, log)
+    copy_model_files(checkpoint, folder)
+
+    if verify and options.precision == "bf16":
+        reason = ("ONNX Runtime's CPU provider has no bfloat16 kernels; check this graph on a GPU with "
+                  "dewey-export verify DIR --device cuda")
+        log(f"Not verified: {reason}")
+        parity, gate = skipped_report(options.precision, reason), skipped_gate(reason)
+    elif verify:
+        parity, gate = verify_candidate(TorchBackend(model), OnnxBackend(onnx_path), checkpoint, config,
+                                        options.precision, options.precision != "fp32", gate_data, log)
+    else:
+        parity, gate = skipped_report(options.precision), skipped_gate()
+
+    manifest = build_manifest(checkpoint, folder, {"onnx": onnx_description(options.opset)},
+                              precision=options.precision, target=options.target,
+                              attention=attention_description(options, traced.pooling),
+                              export_seconds=export_seconds, parity=parity, gate=gate)
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def trace_graph(model, options: GraphOptions, onnx_path: Path, log):
+    """Trace the graph of the fp32 ``model`` for ``options`` to ``onnx_path``; returns the traced model
+    (``graph_model``) and the seconds the export took."""
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     traced = graph_model(model, options)
-    onnx_path = folder / ONNX_FILE
     log(f"Exporting to ONNX (target {options.target}, opset {options.opset}, {options.attention} attention, "
         f"{options.precision}, {weight_bytes / 1e6:.1f} MB of fp32 weights)")
     started = time.perf_counter()
@@ -217,30 +258,24 @@ def write_export(checkpoint: Path, config: DeweyConfig, model, folder: Path, opt
            contrib=options.global_kernel == "ort_contrib")
     export_seconds = time.perf_counter() - started
     log(f"  exported in {export_seconds:.1f} s")
+    return traced, export_seconds
+
+
+def copy_model_files(checkpoint: Path, folder: Path) -> None:
+    """The checkpoint's config and tokenizer files, which every export folder carries."""
     for name in COPIED_FILES:
         if (checkpoint / name).is_file():
             shutil.copy2(checkpoint / name, folder / name)
 
-    if verify and options.precision == "bf16":
-        reason = ("ONNX Runtime's CPU provider has no bfloat16 kernels; check this graph on a GPU with "
-                  "dewey-export verify DIR --device cuda")
-        log(f"Not verified: {reason}")
-        parity = skipped_report(options.precision, reason)
-    elif verify:
-        log("Verifying against the PyTorch backend (fp32)")
-        parity = compare_backends(TorchBackend(model), OnnxBackend(onnx_path), config, options.precision, log)
-    else:
-        parity = skipped_report(options.precision)
 
-    attention_forms = {
+def attention_description(options: GraphOptions, pooling: str) -> dict:
+    """The manifest's ``attention``: the form of each layer kind, and of pooling."""
+    return {
         "mode": options.attention,
         "sliding_layers": "block-local, exact (W x 3W band)" if options.attention == "linear" else "dense masked",
         "global_layers": ATTENTION_FORMS[(options.attention, options.global_kernel)],
-        "pooling": traced.pooling,
+        "pooling": pooling,
     }
-    manifest = build_manifest(checkpoint, folder, options, attention_forms, export_seconds, parity)
-    write_manifest(folder, manifest)
-    return manifest
 
 
 def _trace(model, onnx_path: Path, opset: int, external_data: bool, contrib: bool) -> None:
@@ -277,25 +312,33 @@ def _trace(model, onnx_path: Path, opset: int, external_data: bool, contrib: boo
     assert not model.training, "export switched the model to train mode"
 
 
-def build_manifest(checkpoint: Path, folder: Path, options: GraphOptions, attention: dict, export_seconds: float,
-                   parity: dict) -> dict:
+def onnx_description(opset: int) -> dict:
+    """The manifest's ``onnx``: the graph file, its opset and its I/O."""
+    return {
+        "file": ONNX_FILE,
+        "opset": opset,
+        "inputs": {name: {"type": t, "axes": axes} for name, (t, axes) in INPUTS.items()},
+        "outputs": {name: {"type": t, "axes": axes} for name, (t, axes) in OUTPUTS.items()},
+    }
+
+
+def build_manifest(checkpoint: Path, folder: Path, graph: dict, *, precision: str, target: str, attention: dict,
+                   export_seconds: float, parity: dict, gate: dict) -> dict:
+    """The manifest of the finished ``folder``; ``graph`` is the graph's description under its key
+    (``{"onnx": ...}`` or ``{"openvino": ...}``, runtimes.export_format.graph_files)."""
     return {
         "format": MANIFEST_FORMAT,
         "source": {
             "path": str(checkpoint),
             "sha256": source_hashes(checkpoint),
         },
-        "onnx": {
-            "file": ONNX_FILE,
-            "opset": options.opset,
-            "inputs": {name: {"type": t, "axes": axes} for name, (t, axes) in INPUTS.items()},
-            "outputs": {name: {"type": t, "axes": axes} for name, (t, axes) in OUTPUTS.items()},
-        },
+        **graph,
         "files": file_table(folder),
-        "precision": options.precision,
-        "target": options.target,
+        "precision": precision,
+        "target": target,
         "attention": attention,
         "export_seconds": round(export_seconds, 2),
         "tools": tool_versions(),
         "parity": parity,
+        "gate": gate,
     }

@@ -28,6 +28,8 @@ FP32_MIN_COSINE = 0.99999
 
 # Reduced precision (fp16/bf16 graphs) against fp32: direction only, as for TensorRT's fp16/bf16 engines.
 REDUCED_MIN_COSINE = 0.999
+# Weight-only int8 (OpenVINO's --precision int8) is held to the reduced-precision limits too.
+INT8_WEIGHTS = "int8"
 
 
 def check_checkpoint(checkpoint: Path) -> DeweyConfig:
@@ -63,8 +65,9 @@ def check_source(manifest: dict, checkpoint: Path | None = None) -> tuple[Path, 
 
 
 def parity_thresholds(precision) -> dict:
-    """Limits for ``compare_backends`` by the candidate's precision (any spelling of runtimes.precision)."""
-    if precision_name(precision) == "fp32":
+    """Limits for ``compare_backends`` by the candidate's precision (any spelling of runtimes.precision,
+    or ``INT8_WEIGHTS``)."""
+    if precision != INT8_WEIGHTS and precision_name(precision) == "fp32":
         return {"max_abs_diff": FP32_MAX_ABS_DIFF, "min_cosine": FP32_MIN_COSINE}
     return {"max_abs_diff": None, "min_cosine": REDUCED_MIN_COSINE}
 

@@ -63,6 +63,8 @@ def load(path: str | Path | None = None, backend: str = "torch", device=None, dt
     ``cuda[:N]`` or ``tensorrt[:N]`` (ONNX Runtime execution providers); dtype None or the graph's
     precision; options ``providers``, ``intra_op_num_threads``, ``session_options``, ``tensorrt_options``.
     backend ``trt``: a ``dewey-export --to trt`` folder; device ``cuda[:N]``; no dtype (the engine's).
+    backend ``openvino``: a ``dewey-export --to openvino`` folder (CPU); dtype None (bf16 where the CPU has
+    BF16 units and the export allows it, else fp32) or ``fp32``.
 
     An export folder's files are compared with its manifest before any of them is read: each listed file
     must have its recorded size and sha256, or ModelFileError names it. Hashing reads every file once

@@ -1,10 +1,12 @@
 """The export folder's layout and manifest, shared by the exporter (writer) and the loaders (readers).
 
 An export folder holds ``model.onnx`` (plus ``model.onnx.data`` when the weights pass protobuf's 2 GB
-limit), ``config.json``, ``tokenizer.json`` and the tokenizer's other files copied from the checkpoint,
-for TensorRT also ``model.plan`` and ``engine.json``, and ``dewey_export.json``: the manifest with the
-source checkpoint's hashes, opset, precision, I/O names and axes, tool versions, the parity report and
-the ``files`` table, the byte size and sha256 of every other file in the folder. ``check_export_files``
+limit) or, for OpenVINO, the IR ``model.xml`` and ``model.bin`` instead, ``config.json``,
+``tokenizer.json`` and the tokenizer's other files copied from the checkpoint, for TensorRT also
+``model.plan`` and ``engine.json``, and ``dewey_export.json``: the manifest with the source checkpoint's
+hashes, the graph's description (``onnx``: opset, I/O names and axes; or ``openvino``), precision, tool
+versions, the parity report, the precision gate's report (``gate``, reduced-precision exports) and the
+``files`` table, the byte size and sha256 of every other file in the folder. ``check_export_files``
 compares a folder with that table before anything in it is read. The precision is recorded in
 runtimes.precision's spelling (fp32, fp16, bf16). No torch: services read it without torch installed.
 """
@@ -23,10 +25,15 @@ from .tokenization import TOKENIZER_FILE
 
 MANIFEST_FILE = "dewey_export.json"
 ONNX_FILE = "model.onnx"
+# OpenVINO's IR: the graph (XML) and its weights; the manifest's "openvino" key marks such a folder.
+OPENVINO_XML_FILE = "model.xml"
+OPENVINO_BIN_FILE = "model.bin"
+OPENVINO_KEY = "openvino"
 # 2: the "files" table (size and sha256 of every file) replaced format 1's onnx bytes/sha256.
 MANIFEST_FORMAT = 2
-# Files every export folder holds and the runtime reads: the table must list them.
-REQUIRED_FILES = (CONFIG_FILE, TOKENIZER_FILE, ONNX_FILE)
+# Files every export folder holds and the runtime reads, beside its graph (graph_files): the table must
+# list them.
+REQUIRED_FILES = (CONFIG_FILE, TOKENIZER_FILE)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # The backend contract as graph I/O: names, element types and dynamic axes.
@@ -72,17 +79,19 @@ def check_export_files(folder: str | Path, hashes: bool = True) -> dict:
 
     Every listed file must exist with the recorded size and, with ``hashes``, sha256; sizes are compared
     first, and only files of the right size are hashed. The files the runtime reads (config, tokenizer,
-    ONNX graph, TensorRT engine and its metadata) must be listed; other files beside them (an ONNX Runtime
-    engine cache, a note) are never read and not checked. Raises ``ExportFilesChanged`` naming every file
-    that differs. sha256 ran at 560-620 MB/s on the 2-core development machine (a 100 MB file, page cache
-    warm): about 3 s for the 1.6 GB of a large fp32 model; ``hashes=False`` keeps the size check only.
+    the graph (ONNX, or OpenVINO IR), TensorRT engine and its metadata) must be listed; other files beside
+    them (an ONNX Runtime engine cache, a note) are never read and not checked. Raises
+    ``ExportFilesChanged`` naming every file that differs. sha256 ran at 560-620 MB/s on the 2-core
+    development machine (a 100 MB file, page cache warm): about 3 s for the 1.6 GB of a large fp32 model;
+    ``hashes=False`` keeps the size check only.
     """
     from .trt_plan import ENGINE_FILE, METADATA_FILE  # trt_plan imports this module's INPUTS
 
     folder = Path(folder)
     manifest = read_manifest(folder)
     table = manifest["files"]
-    read_by_runtime = [*REQUIRED_FILES, *(name for name in (ENGINE_FILE, METADATA_FILE) if (folder / name).exists())]
+    read_by_runtime = [*REQUIRED_FILES, *graph_files(manifest),
+                       *(name for name in (ENGINE_FILE, METADATA_FILE) if (folder / name).exists())]
     problems = [f"{name} is not listed in {MANIFEST_FILE}" for name in read_by_runtime if name not in table]
     sized = []
     for name, entry in table.items():
@@ -101,13 +110,19 @@ def check_export_files(folder: str | Path, hashes: bool = True) -> dict:
     return manifest
 
 
+def graph_files(manifest: dict) -> tuple[str, ...]:
+    """The files that hold an export's graph: the OpenVINO IR, or the ONNX graph."""
+    return (OPENVINO_XML_FILE, OPENVINO_BIN_FILE) if OPENVINO_KEY in manifest else (ONNX_FILE,)
+
+
 def is_export_folder(folder: str | Path) -> bool:
     """Whether ``folder`` holds a dewey export manifest of any format (what ``--overwrite`` may replace)."""
     try:
         manifest = json.loads((Path(folder) / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(manifest, dict) and type(manifest.get("format")) is int and "onnx" in manifest
+    return (isinstance(manifest, dict) and type(manifest.get("format")) is int
+            and ("onnx" in manifest or OPENVINO_KEY in manifest))
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> None:
@@ -161,11 +176,16 @@ def _check_fields(manifest: dict, path: Path) -> None:
     _field(source, "path", "source.path", "a string", lambda v: isinstance(v, str), path)
     _field(source, "sha256", "source.sha256", "an object of file names to sha256 digests",
            lambda v: isinstance(v, dict) and all(isinstance(h, str) for h in v.values()), path)
-    _field(manifest, "onnx", "onnx", "an object", _is_object, path)
+    graph_key = OPENVINO_KEY if OPENVINO_KEY in manifest else "onnx"
+    _field(manifest, graph_key, graph_key, "an object", _is_object, path)
     _field(manifest, "precision", "precision", f"one of {', '.join(PRECISIONS)}", lambda v: v in PRECISIONS, path)
     parity = _field(manifest, "parity", "parity", "an object", _is_object, path)
     if "passed" in parity:
         _field(parity, "passed", "parity.passed", "true or false", lambda v: isinstance(v, bool), path)
+    if "gate" in manifest:
+        gate = _field(manifest, "gate", "gate", "an object", _is_object, path)
+        if "passed" in gate:
+            _field(gate, "passed", "gate.passed", "true or false", lambda v: isinstance(v, bool), path)
     files = _field(manifest, "files", "files", "an object of file names", _is_object, path)
     for name in files:
         key = f"files[{name!r}]"

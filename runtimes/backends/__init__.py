@@ -6,7 +6,7 @@
 ``spans[b, c]`` is the head applied to the mean of the final hidden states of tokens
 ``span_bounds[b, c, 0] .. span_bounds[b, c, 1] - 1`` (an empty span gives zeros); ``cls[b]`` is the head
 applied to token 0. Nothing is normalised. A backend module is imported only when it is asked for, so
-its heavy dependencies (torch, onnxruntime, tensorrt) cost nothing to users of the others.
+its heavy dependencies (torch, onnxruntime, openvino, tensorrt) cost nothing to users of the others.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 _BACKENDS = {
     "torch": ("runtimes.backends.torch_backend:TorchBackend", "pip install 'dewey[torch]'"),
     "onnx": ("runtimes.backends.onnx_backend:OnnxBackend", "pip install 'dewey[onnx]'"),
+    "openvino": ("runtimes.backends.openvino_backend:OpenVINOBackend", "pip install 'dewey[openvino]'"),
     "trt": ("runtimes.backends.trt_backend:TensorRTBackend",
             "on a GPU machine: pip install 'dewey[torch]' tensorrt-cu12 (TensorRT comes from NVIDIA's index)"),
 }
@@ -32,9 +33,10 @@ class Backend(Protocol):
 
     @classmethod
     def from_folder(cls, folder: str | Path, device=None, dtype=None, **options) -> Backend:
-        """The backend for a model folder: a checkpoint (torch) or an export folder (onnx, trt). ``dtype``
-        is a precision in any spelling of runtimes.precision; ``options`` are the backend's own (the onnx
-        backend's providers and session settings; the others take none)."""
+        """The backend for a model folder: a checkpoint (torch) or an export folder (onnx, openvino, trt).
+        ``dtype`` is a precision in any spelling of runtimes.precision; ``options`` are the backend's own
+        (the onnx backend's providers and session settings, the openvino backend's threads; the others
+        take none)."""
 
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, span_bounds: np.ndarray
