@@ -59,6 +59,18 @@ class ExportFilesChanged(ModelFileError):
         )
 
 
+def check_graph_io(model_path: str | Path, inputs: dict, outputs: dict, type_names: dict) -> None:
+    """Refuse a graph whose inputs and outputs (name -> the engine's type name) are not the backend
+    contract; ``type_names`` spells this module's element types the engine's way."""
+    want_in = {name: type_names[dtype] for name, (dtype, _) in INPUTS.items()}
+    want_out = {name: type_names[dtype] for name, (dtype, _) in OUTPUTS.items()}
+    if inputs != want_in or outputs != want_out:
+        raise ModelFileError(
+            f"{model_path} is not a Dewey graph: inputs {inputs}, outputs {outputs}; "
+            f"expected inputs {want_in} and outputs {want_out}"
+        )
+
+
 def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()

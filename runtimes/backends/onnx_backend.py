@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelFileError
-from ..export_format import INPUTS, ONNX_FILE, OUTPUTS, read_manifest
+from ..export_format import ONNX_FILE, check_graph_io, read_manifest
 from ..memory import tune_for_length
 from ..precision import precision_name
 from ..trt_plan import Profile
@@ -143,15 +143,8 @@ class OnnxBackend:
         self.vector_size = int(self.session.get_outputs()[0].shape[-1])
 
     def _check_io(self, model_path: Path) -> None:
-        inputs = {i.name: i.type for i in self.session.get_inputs()}
-        outputs = {o.name: o.type for o in self.session.get_outputs()}
-        want_in = {name: _ORT_TYPES[dtype] for name, (dtype, _) in INPUTS.items()}
-        want_out = {name: _ORT_TYPES[dtype] for name, (dtype, _) in OUTPUTS.items()}
-        if inputs != want_in or outputs != want_out:
-            raise ModelFileError(
-                f"{model_path} is not a Dewey graph: inputs {inputs}, outputs {outputs}; "
-                f"expected inputs {want_in} and outputs {want_out}"
-            )
+        check_graph_io(model_path, {i.name: i.type for i in self.session.get_inputs()},
+                       {o.name: o.type for o in self.session.get_outputs()}, _ORT_TYPES)
 
     @classmethod
     def from_folder(cls, folder: str | Path, device=None, dtype=None, **options) -> "OnnxBackend":

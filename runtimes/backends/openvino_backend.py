@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelFileError
-from ..export_format import INPUTS, OPENVINO_KEY, OPENVINO_XML_FILE, OUTPUTS, read_manifest
+from ..export_format import OPENVINO_KEY, OPENVINO_XML_FILE, check_graph_io, read_manifest
 from ..precision import precision_name
 from .onnx_backend import available_cpus
 
@@ -83,14 +83,7 @@ class OpenVINOBackend:
         def described(ports) -> dict:
             return {port.get_any_name(): port.get_element_type().get_type_name() for port in ports}
 
-        inputs, outputs = described(self.compiled.inputs), described(self.compiled.outputs)
-        want_in = {name: _OV_TYPES[dtype] for name, (dtype, _) in INPUTS.items()}
-        want_out = {name: _OV_TYPES[dtype] for name, (dtype, _) in OUTPUTS.items()}
-        if inputs != want_in or outputs != want_out:
-            raise ModelFileError(
-                f"{model_path} is not a Dewey graph: inputs {inputs}, outputs {outputs}; "
-                f"expected inputs {want_in} and outputs {want_out}"
-            )
+        check_graph_io(model_path, described(self.compiled.inputs), described(self.compiled.outputs), _OV_TYPES)
 
     @classmethod
     def from_folder(cls, folder: str | Path, device=None, dtype=None, **options) -> "OpenVINOBackend":
