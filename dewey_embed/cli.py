@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from runtimes.backends import available_backends
 from runtimes.batching import DEFAULT_MAX_BATCH_TOKENS
 from runtimes.config import SINGLE_VECTOR_TYPES, ModelFileError
 
@@ -23,7 +24,6 @@ EXIT_SOME_FAILED = 3
 # budget) and written as one shard: what a killed run can lose at most.
 DEFAULT_SHARD_SIZE = 256
 SPLITTERS = ("tokens", "words", "recursive")
-BACKENDS = ("torch", "onnx", "trt")
 # Devices on which a Ray actor needs a GPU of its own.
 GPU_DEVICES = ("cuda", "tensorrt")
 
@@ -43,7 +43,7 @@ def _log(message: str) -> None:
                    "Re-running the same command resumes it.")
 @click.option("--model", type=click.Path(path_type=Path),
               help="Checkpoint folder (torch) or dewey-export folder (onnx, trt); default: the packaged dewey-mini.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True)
+@click.option("--backend", type=click.Choice(available_backends()), default="torch", show_default=True)
 @click.option("--device", help="torch: cpu or cuda[:N]; onnx: cpu, cuda[:N] or tensorrt[:N]; trt: cuda[:N].")
 @click.option("--mode", type=click.Choice(SINGLE_VECTOR_TYPES),
               help="Document vector: cls, mean or cls_add_mean; default: the model's single_vector_type.")
