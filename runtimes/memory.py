@@ -8,10 +8,11 @@ then holds the freed activations of several layers. Fixing the threshold (``mall
 ``MALLOC_MMAP_THRESHOLD_`` does) keeps every large tensor in a mapping of its own, freed when the
 tensor is.
 
-Measured (tiny config, 32,768 tokens, ONNX Runtime 1.32, 1 thread, peak RSS of the process):
-0.99 GiB as it was; 0.93 with the fixed threshold alone; 0.75 with ONNX Runtime's buffer reuse off
-alone (a buffer kept for a later tensor of the same size outlives its own); 0.34 GiB with both; at
-128k tokens 4.01 -> 1.18 GiB. PyTorch backend, same document, 2 threads: 1.08 -> 0.95 GiB.
+Measured (tiny config, 32,768 tokens, PyTorch backend, 2 threads, peak RSS): 1.08 -> 0.95 GiB.
+The ONNX Runtime backend does not use this: it allocates from its own CPU arena (buffer reuse off,
+shrunk after each long run), which peaks higher (tiny config, 2 threads: 0.53 against 0.35 GiB at 32k
+tokens, 2.10 against 1.18 at 128k) but saves the page faults of fresh mappings, which cost a third
+of the time at 8k tokens on the ModernBERT-base shape (runtimes.backends.onnx_backend).
 
 The price is a page fault per 4 KiB of every large tensor, which short batches feel: ModernBERT-base
 shape, 8 x 512 tokens, 2 threads, PyTorch 6.45 -> 7.61 s per batch (+18 %); a 4 MiB threshold would
@@ -19,7 +20,7 @@ not help (those tensors are 12 MB). So the threshold follows the batch (``tune_f
 the backends before each forward): rows longer than ``LONG_ROW_TOKENS`` get the 1 MiB threshold;
 shorter ones get a fixed 32 MiB, glibc's own ceiling for its moving threshold, so they reuse heap memory
 as before. With this policy the same batch ran as fast as with malloc untouched (PyTorch 5.78-6.16
-against 5.76-6.16 s, ONNX Runtime 3.14-3.17 against 3.16-3.21 s, alternating runs).
+against 5.76-6.16 s, alternating runs).
 ``DEWEY_MALLOC_TUNING=0`` leaves malloc alone (the setting is process-wide).
 """
 

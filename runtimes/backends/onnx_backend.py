@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import ModelFileError
 from ..export_format import ONNX_FILE, check_graph_io, read_manifest
-from ..memory import tune_for_length
+from ..memory import LONG_ROW_TOKENS
 from ..precision import precision_name
 from ..trt_plan import Profile
 
@@ -23,6 +23,8 @@ class ProviderUnavailableError(RuntimeError):
     """An execution provider that was asked for is missing from, or failed to start in, onnxruntime."""
 
 
+# ONNX Runtime's run option that returns the CPU arena's free chunks to the system at the end of a run.
+SHRINK_ARENA = "memory.enable_memory_arena_shrinkage"
 # How ONNX Runtime spells the element types of runtimes.export_format.
 _ORT_TYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
 
@@ -94,6 +96,29 @@ def providers_for(device, tensorrt_options: dict | None = None) -> list:
     raise ValueError(f"device must be 'cpu', 'cuda[:N]' or 'tensorrt[:N]' for the onnx backend, got {device!r}")
 
 
+def default_session_options(threads: int | None = None):
+    """The session options the backend uses unless given others (``threads`` None: the CPUs this process
+    may use); a profiler or a caller with one setting to change starts from these."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or available_cpus()
+    options.inter_op_num_threads = 1
+    # Memory of a long document (runtimes.memory tells the story for malloc). ONNX Runtime's CPU
+    # arena stays on: it hands freed blocks to later tensors of any size, where without it every
+    # large tensor is a fresh mapping the kernel must fault in and zero (ModernBERT-base shape,
+    # 8,192 tokens, 2 threads, buffer reuse off: 22.5 s and 8.8 M page faults without the arena and
+    # malloc's mmap threshold at 1 MiB, 0.76 GiB peak RSS; 14.9 s and 0.09 M faults with the arena). Buffer reuse is off: the planner keeps a freed buffer for a later tensor of the
+    # same size, and on a long document those gaps span layers (same document: 0.85 GiB peak
+    # RSS without it, 1.85 with it, for the same speed). After a run over long rows the arena
+    # gives its free chunks back (``forward``), so the next document starts from the weights
+    # again: without that the arena grew 2.10 -> 3.78 GiB over repeated 128k-token runs (tiny
+    # shape); with it every run peaks at 2.10.
+    options.enable_mem_reuse = False
+    return options
+
+
 class OnnxBackend:
     name = "onnx"
 
@@ -114,19 +139,7 @@ class OnnxBackend:
                 "instead of onnxruntime (never both)"
             )
         if session_options is None:
-            session_options = ort.SessionOptions()
-            session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            session_options.intra_op_num_threads = intra_op_num_threads or available_cpus()
-            session_options.inter_op_num_threads = 1
-            # No CPU memory arena: it keeps freed blocks and grows toward the largest input seen, which
-            # raised the peak 1.1-1.8x on long documents (measured: 2.24 -> 2.04 GiB at 64k tokens, tiny
-            # model); the allocations it would save are small next to a long document's compute.
-            session_options.enable_cpu_mem_arena = False
-            # No buffer reuse either: a freed buffer that ONNX Runtime keeps for a later tensor of the
-            # same size stays allocated until then, and on a long document those gaps span layers.
-            # Together with the mmap threshold set per forward (runtimes.memory): tiny config, 32k
-            # tokens, 0.99 -> 0.34 GiB peak RSS.
-            session_options.enable_mem_reuse = False
+            session_options = default_session_options(intra_op_num_threads)
         self.session_options = session_options
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=session_options, providers=providers)
@@ -139,6 +152,11 @@ class OnnxBackend:
                 "failed to initialise (check the CUDA/cuDNN/TensorRT libraries); not falling back silently"
             )
         self.providers = active
+        # Only a session that has the CPU arena may be asked to shrink it (ONNX Runtime refuses otherwise).
+        self._shrink_arena = None
+        if active[0] == "CPUExecutionProvider" and session_options.enable_cpu_mem_arena:
+            self._shrink_arena = ort.RunOptions()
+            self._shrink_arena.add_run_config_entry(SHRINK_ARENA, "cpu:0")
         self._check_io(model_path)
         self.vector_size = int(self.session.get_outputs()[0].shape[-1])
 
@@ -176,7 +194,7 @@ class OnnxBackend:
         return f"OnnxBackend(providers={self.providers}, threads={self.session_options.intra_op_num_threads})"
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, span_bounds: np.ndarray):
-        tune_for_length(np.shape(input_ids)[-1])  # long rows: freed activations go back to the system
+        long_rows = np.shape(input_ids)[-1] > LONG_ROW_TOKENS
         cls, spans = self.session.run(
             ["cls", "spans"],
             {
@@ -184,5 +202,6 @@ class OnnxBackend:
                 "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
                 "span_bounds": np.ascontiguousarray(span_bounds, dtype=np.int64),
             },
+            self._shrink_arena if long_rows else None,
         )
         return cls, spans
