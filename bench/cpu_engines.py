@@ -17,6 +17,8 @@ in a fresh process with its peak RSS (bench/long_context.py's measurement; its m
 Tokens are real rows' tokens ([CLS] and [SEP] included, padding not). The cosine column is the minimum
 over texts (long: over the document's vectors) against ``torch-fp32``, for the peers against ``plain-fp32``.
 Plain attention is quadratic, so the peers skip documents over ``--peer-max-length``.
+``--profile`` adds, for the long documents, the time per operator type of the onnx and openvino engines
+(ONNX Runtime's profiler; OpenVINO's performance counters, by node type and the precision it ran in).
 Not a test: numbers depend on the machine; docs/benchmarks.md records them with the command.
 """
 
@@ -34,7 +36,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import long_context  # noqa: E402  (puts the repository root on sys.path)
-from throughput import texts_of_exactly, time_encode  # noqa: E402
+from throughput import openvino_op_seconds, ort_op_seconds, texts_of_exactly, time_encode  # noqa: E402
 
 PEERS = ("plain-fp32", "plain-ov-bf16")
 DEWEY = ("torch-fp32", "torch-bf16", "onnx-fp32", "openvino-fp32", "openvino-bf16")
@@ -42,6 +44,7 @@ INT8 = "openvino-int8"
 SHORT = {"short": (8, 288, 512), "tiny-batch": (32, 16, 128)}  # texts, shortest and longest row
 PLAIN_OV_XML = "plain-openvino/model.xml"
 GIB = long_context.GIB
+PROFILE_ROWS = 12  # operator types listed per profiled engine
 
 
 def reference_of(engine: str) -> str:
@@ -84,8 +87,9 @@ class PlainEncoder:
         return np.concatenate(vectors)
 
 
-def load_engine(engine: str, workdir: Path, threads: int):
-    """(object with ``encode``, ``forward(input_ids, attention_mask, span_bounds) -> span vectors``)."""
+def load_engine(engine: str, workdir: Path, threads: int, profile: bool = False):
+    """(object with ``encode``, ``forward(input_ids, attention_mask, span_bounds) -> span vectors``).
+    ``profile``: the onnx and openvino engines record their time per operator (``op_seconds``)."""
     import runtimes
 
     checkpoint = workdir / "checkpoint"
@@ -95,9 +99,15 @@ def load_engine(engine: str, workdir: Path, threads: int):
         torch.set_num_threads(threads)
         encoder = runtimes.load(checkpoint, backend="torch", dtype=engine.split("-")[1])
     elif engine == "onnx-fp32":
-        encoder = runtimes.load(workdir / engine, backend="onnx", intra_op_num_threads=threads)
+        from runtimes.backends.onnx_backend import default_session_options
+
+        options = default_session_options(threads)
+        options.enable_profiling = profile
+        options.profile_file_prefix = str(workdir / "ort_profile")
+        encoder = runtimes.load(workdir / engine, backend="onnx", session_options=options)
     elif engine.startswith("openvino"):
-        encoder = runtimes.load(workdir / engine, backend="openvino", threads=threads)
+        encoder = runtimes.load(workdir / engine, backend="openvino", threads=threads,
+                                properties={"PERF_COUNT": True} if profile else None)
     else:
         return plain_engine(engine, workdir, threads)
     return encoder, lambda ids, mask, spans: encoder.backend.forward(ids, mask, spans)[1]
@@ -228,12 +238,19 @@ def child(engine: str, folder: str, length: int) -> None:
     workdir = Path(folder)
     config = load_config(workdir / "checkpoint")
     ids, mask, spans = long_context.document(length, config.vocab_size, config)
-    _, forward = load_engine(engine, workdir, int(os.environ["BENCH_THREADS"]))
+    profile = bool(os.environ.get("BENCH_PROFILE")) and (engine == "onnx-fp32" or engine.startswith("openvino"))
+    encoder, forward = load_engine(engine, workdir, int(os.environ["BENCH_THREADS"]), profile)
     start = time.perf_counter()
     vectors = forward(ids, mask, spans)
     seconds = time.perf_counter() - start
     np.save(os.environ["BENCH_SAVE"], vectors[0])
-    print(json.dumps({"seconds": seconds, "finite": bool(np.isfinite(vectors).all())}))
+    result = {"seconds": seconds, "finite": bool(np.isfinite(vectors).all())}
+    if profile:
+        backend = encoder.backend
+        per_op = (ort_op_seconds(backend.session) if engine == "onnx-fp32" else openvino_op_seconds(backend._request()))
+        result["profile"] = dict(per_op.most_common(PROFILE_ROWS))
+        result["profile_total"] = sum(per_op.values())
+    print(json.dumps(result))
 
 
 def run_long(workdir: Path, engines: list[str], length: int, args) -> list[dict]:
@@ -305,9 +322,16 @@ def main() -> None:
     parser.add_argument("--peer-max-length", type=int, default=8192,
                         help="longest document the peers run (quadratic attention masks)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per long-document measurement")
+    parser.add_argument("--profile", action="store_true",
+                        help="long documents: time per operator type of the onnx and openvino engines (the "
+                             "profiled run is the timed one, so its seconds include the profiler's cost)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.profile:
+        import os
+
+        os.environ["BENCH_PROFILE"] = "1"  # read by the long-document children
     if args.child:
         engine, folder, length = args.child
         return child(engine, folder, int(length))
@@ -350,6 +374,13 @@ def main() -> None:
             rows += model_rows
             for row in model_rows:
                 print(format_row(row), flush=True)
+    for row in rows:
+        if "profile" in row:
+            total = row["profile_total"]
+            print(f"\n{row['model']}, {row['workload']} tokens, {row['engine']}: seconds per operator type (top "
+                  f"{PROFILE_ROWS})")
+            for op, seconds in row["profile"].items():
+                print(f"  {op:32s} {seconds:8.2f}  {100 * seconds / total:5.1f} %")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

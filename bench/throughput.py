@@ -63,24 +63,37 @@ def time_encode(encoder, texts, batch: int, repeats: int, warmup: int) -> float:
 
 def ort_profile(folder: Path, texts, batch: int, threads: int) -> list[tuple[str, float]]:
     """Share of ONNX Runtime kernel time per operator type, from one profiled run."""
-    import onnxruntime as ort
-
     import runtimes
+    from runtimes.backends.onnx_backend import default_session_options
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
+    options = default_session_options(threads)
     options.enable_profiling = True
     options.profile_file_prefix = str(folder / "ort_profile")
     encoder = runtimes.load(folder, backend="onnx", session_options=options)
     encoder.encode(texts, mode="mean", batch_size=batch)
-    trace = json.loads(Path(encoder.backend.session.end_profiling()).read_text())
+    per_op = ort_op_seconds(encoder.backend.session)
+    total = sum(per_op.values())
+    return [(op, 100.0 * seconds / total) for op, seconds in per_op.most_common(8)]
+
+
+def ort_op_seconds(session) -> Counter:
+    """Kernel seconds per operator type of a profiling ONNX Runtime session (ends its profiling)."""
+    trace = json.loads(Path(session.end_profiling()).read_text())
     per_op = Counter()
     for event in trace:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            per_op[event["args"]["op_name"]] += event["dur"]
-    total = sum(per_op.values())
-    return [(op, 100.0 * us / total) for op, us in per_op.most_common(8)]
+            per_op[event["args"]["op_name"]] += event["dur"] / 1e6
+    return per_op
+
+
+def openvino_op_seconds(request) -> Counter:
+    """Seconds per executed node type of an OpenVINO infer request compiled with PERF_COUNT, by the
+    type and precision the plugin ran (e.g. ``MatMul bf16``)."""
+    per_op = Counter()
+    for node in request.get_profiling_info():
+        if node.status.name == "EXECUTED":
+            per_op[f"{node.node_type} {node.exec_type.rsplit('_', 1)[-1]}"] += node.real_time.total_seconds()
+    return per_op
 
 
 def main() -> None:

@@ -48,11 +48,12 @@ SUPPORTED_OPSETS = (18, 23)
 TARGETS = {
     "cpu": {"opset": 18, "global_kernel": "ort_contrib", "pooling": "float64"},
     "gpu": {"opset": 23, "global_kernel": "sdpa", "pooling": "centered_float32"},
-    "openvino": {"opset": 23, "global_kernel": "sdpa", "pooling": "centered_float32"},
+    "openvino": {"opset": 23, "global_kernel": "sdpa_key_bias", "pooling": "centered_float32"},
 }
 ATTENTION_FORMS = {
     ("linear", "ort_contrib"): "com.microsoft.MultiHeadAttention, no mask (key padding folded into the keys)",
     ("linear", "sdpa"): "ONNX Attention (opset 23) or MatMul/Softmax (opset 18), no mask",
+    ("linear", "sdpa_key_bias"): "ONNX Attention (opset 23) with a [B, 1, 1, S] key-padding bias, no S x S mask",
     ("dense", "sdpa"): "transformers' masked attention with dense S x S masks (quadratic memory)",
 }
 # Protobuf cannot hold a file over 2 GiB; above this many weight bytes the weights go to model.onnx.data.

@@ -49,8 +49,12 @@ _MASKED_SCORE = -1e30
 SHORT_MASKED_MAX = 512
 
 # Global-attention kernels: "sdpa" (PyTorch; exports to MatMul/Softmax at opset 18 and to the fused
-# Attention op at opset 23) or "ort_contrib" (com.microsoft.MultiHeadAttention, for ONNX Runtime CPU).
-GLOBAL_KERNELS = ("sdpa", "ort_contrib")
+# Attention op at opset 23), "ort_contrib" (com.microsoft.MultiHeadAttention, for ONNX Runtime CPU), both
+# with the HEAD_PAD lanes; "sdpa_key_bias" (SDPA with a [B, 1, 1, S] additive key-padding bias and the
+# plain head size, for OpenVINO: its CPU plugin runs attention as a fused subgraph that takes the
+# broadcast bias without an S x S tensor, and the head size of 64 instead of 72 saved 14 % of a global
+# layer's time at 8,192 tokens, 12 heads, bf16: 0.43 against 0.50 s).
+GLOBAL_KERNELS = ("sdpa", "ort_contrib", "sdpa_key_bias")
 
 
 def sliding_window_attention(query, key, value, key_valid, window: int, scaling: float):
@@ -126,8 +130,11 @@ def _(query, key, value, num_heads, scale):
 
 
 def global_attention(query, key, value, key_valid, scaling: float, kernel: str = "sdpa"):
-    """Full attention with key padding but no mask tensor, [B, H, S, D] in, [B, S, H, D] out."""
+    """Full attention with key padding but no S x S mask, [B, H, S, D] in, [B, S, H, D] out."""
     batch, heads, seq, dim = query.shape
+    if kernel == "sdpa_key_bias":
+        bias = torch.where(key_valid, 0.0, MASKED_KEY).to(query.dtype)[:, None, None, :]
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling).transpose(1, 2)
     q, k, v = _augment(query, key, value, key_valid)
     if kernel == "ort_contrib":
         merge = lambda x: x.transpose(1, 2).reshape(batch, seq, heads * (dim + HEAD_PAD))  # noqa: E731

@@ -5,7 +5,8 @@ texts for several iterations, while the others do the same; the texts span both 
 the PyTorch backend (masked below 512 tokens, block-local above) and both malloc settings
 (``runtimes.memory``: rows over 2048 tokens), and the threads use all three splitters with
 different chunk sizes. Every result must be bitwise equal to the same call made before the threads
-started (same backend, same shapes: the kernels are deterministic, with PyTorch and with ONNX Runtime),
+started (same backend, same shapes: the kernels are deterministic, with PyTorch, ONNX Runtime and
+OpenVINO, one inference request per thread),
 and each text equal, up to fp32 rounding, to that text encoded alone (other rows, other padding).
 """
 
@@ -51,13 +52,21 @@ def thread_calls(k: int):
     )
 
 
-@pytest.fixture(params=["torch", "onnx"])
-def shared_encoder(request):
+@pytest.fixture(params=["torch", "onnx", "openvino"])
+def shared_encoder(request, checkpoint, tmp_path_factory):
     if request.param == "torch":
         return request.getfixturevalue("encoder")
     from runtimes import load
 
-    return load(request.getfixturevalue("onnx_export"), backend="onnx")
+    if request.param == "onnx":
+        return load(request.getfixturevalue("onnx_export"), backend="onnx")
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    from dewey_export.openvino_export import export_openvino
+
+    # fp32: each text must also match its own call alone to fp32 rounding, whatever else shares its batch.
+    folder = tmp_path_factory.mktemp("concurrency") / "openvino"
+    export_openvino(checkpoint, folder, precision="fp32", verify=False, log=lambda message: None)
+    return load(folder, backend="openvino")
 
 
 def test_threads_sharing_one_encoder_match_serial_results(shared_encoder):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import runtimes
-from runtimes.attention import dewey_attention, global_attention, sliding_window_attention
+from runtimes.attention import GLOBAL_KERNELS, dewey_attention, global_attention, sliding_window_attention
 from runtimes.backends.torch_backend import TorchBackend
 from runtimes.batching import plan_batches
 from runtimes.modeling import DeweyModel
@@ -76,7 +76,7 @@ def test_global_attention_folds_key_padding_exactly(seq):
     # Make padded keys attractive: if the padding trick leaked, they would dominate the softmax.
     key[1, :, max(1, seq // 2):] = query[1, :, :1] * 10
     reference = dense_reference(query, key, value, valid, None, 0.25)
-    for kernel in ("sdpa", "ort_contrib"):
+    for kernel in GLOBAL_KERNELS:
         ours = global_attention(query, key, value, valid, 0.25, kernel)
         assert float((ours - reference).abs().max()) <= ATTENTION_ATOL, kernel
 

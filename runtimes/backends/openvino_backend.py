@@ -53,7 +53,7 @@ class OpenVINOBackend:
     name = "openvino"
 
     def __init__(self, model_path: str | Path, precision: str = "fp32", threads: int | None = None,
-                 weights: str = "fp32"):
+                 weights: str = "fp32", properties: dict | None = None):
         import openvino as ov
 
         model_path = Path(model_path)
@@ -68,6 +68,7 @@ class OpenVINOBackend:
                 "INFERENCE_NUM_THREADS": self.threads,
                 # One stream running each request on all threads: one call's latency, as the other backends.
                 "PERFORMANCE_HINT": "LATENCY",
+                **(properties or {}),
             })
         except RuntimeError as exc:  # OpenVINO raises RuntimeError for unreadable or invalid IR
             raise ModelFileError(f"OpenVINO cannot load {model_path}: {exc}") from exc
@@ -89,7 +90,8 @@ class OpenVINOBackend:
     def from_folder(cls, folder: str | Path, device=None, dtype=None, **options) -> "OpenVINOBackend":
         """The IR of an export folder; ``runtimes.load`` has compared the folder's files with the manifest
         before this reads anything. ``dtype`` None runs the export's precision (fp32 where the CPU has no
-        bfloat16); fp32 or bf16 choose. ``options``: ``threads`` (default: the CPUs this process may use)."""
+        bfloat16); fp32 or bf16 choose. ``options``: ``threads`` (default: the CPUs this process may use),
+        ``properties`` (more CPU plugin properties for ``compile_model``, e.g. ``{"PERF_COUNT": True}``)."""
         folder = Path(folder)
         if device is not None and str(device) != "cpu":
             raise ValueError(f"the openvino backend runs on the CPU (device 'cpu'), got {device!r}")
