@@ -97,6 +97,12 @@ def main(ctx, model, to, out, target, opset, attention, precision, gate_data, bu
         raise click.UsageError(f"missing {', '.join(missing)} (see dewey-export --help)")
     if precision == INT8_WEIGHTS and to != "openvino":
         raise click.UsageError("--precision int8 (int8 weights) is for --to openvino only")
+    if to == "openvino":
+        given = [f"--{name}" for name in ("target", "opset", "attention")
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} do(es) not apply to --to openvino: its graph is always the "
+                                   "opset-23 linear-attention graph made for OpenVINO")
     if model is None:
         from runtimes import default_model_path
 

@@ -199,3 +199,18 @@ def test_int8_weights_are_compressed_and_gated(checkpoint, tmp_path):
         warnings.simplefilter("ignore", RuntimeWarning)  # random tiny weights may fail int8's gate, which warns
         backend = OpenVINOBackend.from_folder(result.folder)
     assert repr(backend).startswith(f"OpenVINOBackend(precision={manifest['precision']!r}, weights='int8'")
+
+
+@pytest.mark.parametrize("flags", [["--target", "gpu"], ["--opset", "18"], ["--attention", "dense"],
+                                   ["--target", "cpu", "--opset", "23"]])
+def test_onnx_graph_options_are_refused_with_to_openvino(checkpoint, tmp_path, flags):
+    """The OpenVINO graph is fixed: an ONNX-only option given with --to openvino is an error, not ignored."""
+    from click.testing import CliRunner
+
+    from dewey_export.cli import main
+
+    out = tmp_path / "openvino"
+    result = CliRunner().invoke(main, ["--model", str(checkpoint), "--to", "openvino", "--out", str(out), *flags])
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "not apply to --to openvino" in result.output and flags[0] in result.output
+    assert not out.exists()
