@@ -5,7 +5,8 @@
     python bench/cpu_engines.py --model runtimes/models/dewey-mini --workloads short,tiny-batch
 
 Engines. Peers: ``plain-fp32`` (transformers' ModernBertModel, sdpa, fp32) and ``plain-ov-bf16`` (that
-module through ``openvino.convert_model``, bf16 inference); both run batches of ``--batch`` texts in
+module through ``openvino.convert_model``, bf16 inference, each query allowed to see itself so that
+padded rows give no NaN: ``nan_safe``); both run batches of ``--batch`` texts in
 input order padded to their longest row and mean-pool the text tokens. Dewey: ``torch-fp32``,
 ``torch-bf16``, ``onnx-fp32``, ``openvino-fp32``, ``openvino-bf16`` (and ``openvino-int8`` with
 ``--int8``, which needs nncf), each through ``runtimes.load``.
@@ -154,6 +155,30 @@ def plain_model(checkpoint: Path):
     return transformers.ModernBertModel.from_pretrained(checkpoint, attn_implementation="sdpa").eval()
 
 
+def nan_safe(model):
+    """``model`` (a plain ModernBertModel) with each query allowed to see itself in both masks, so a padding
+    row far from any real token, whose keys would all be masked, gives finite values instead of NaN (which
+    the next layer's weight-0 products would spread to every row). Real rows are unchanged: a real token is
+    a valid key of its own window. Still transformers' dense (B, 1, S, S) masks, built here from the [B, S]
+    mask; the last hidden state is the output."""
+    import torch
+
+    class NanSafe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            positions = torch.arange(input_ids.shape[1])
+            itself = positions[:, None] == positions[None, :]
+            valid = attention_mask.bool()[:, None, None, :]
+            band = (positions[None, :] - positions[:, None]).abs() <= model.config.sliding_window
+            masks = {"full_attention": valid | itself, "sliding_attention": (valid & band) | itself}
+            return self.model(input_ids=input_ids, attention_mask=masks).last_hidden_state
+
+    return NanSafe().eval()
+
+
 def prepare(spec: dict) -> None:
     """Checkpoint and exports of one model, in a child process (the measuring parent stays small)."""
     import numpy as np
@@ -181,7 +206,8 @@ def prepare(spec: dict) -> None:
             ids = torch.from_numpy(np.random.default_rng(0).integers(10, 1000, size=(2, 64)))
             mask = torch.ones_like(ids)
             mask[1, 40:] = 0
-            model = ov.convert_model(plain_model(checkpoint), example_input={"input_ids": ids, "attention_mask": mask})
+            model = ov.convert_model(nan_safe(plain_model(checkpoint)),
+                                     example_input={"input_ids": ids, "attention_mask": mask})
             ov.save_model(model, workdir / PLAIN_OV_XML, compress_to_fp16=False)
 
 

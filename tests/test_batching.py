@@ -10,7 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtimes.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, pad_batch, plan_batches
+from runtimes import batching
+from runtimes.batching import (
+    BATCH_COST_TOKENS,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_BATCH_TOKENS,
+    pad_batch,
+    plan_batches,
+)
 
 try:
     from conftest import FP32_ATOL
@@ -144,9 +151,11 @@ def recorded_batches(encoder, monkeypatch):
     "batch_size, max_batch_tokens",
     [(2, DEFAULT_MAX_BATCH_TOKENS), (DEFAULT_BATCH_SIZE, 200), (2, 64), (1, DEFAULT_MAX_BATCH_TOKENS)],
 )
-def test_small_batches_match_one_big_batch(encoder, texts, recorded_batches, batch_size, max_batch_tokens):
+def test_small_batches_match_one_big_batch(encoder, texts, recorded_batches, batch_size, max_batch_tokens,
+                                           monkeypatch):
     """Forcing small batches (by row count or by token budget) gives the same vectors as one batch, and
     the batches actually sent to the backend respect both caps (a single over-long row runs alone)."""
+    monkeypatch.setattr(batching, "BATCH_COST_TOKENS", 10**9)  # batches so dear that one holds every text
     big = encoder.encode(texts, mode="mean", prompt="query", normalize=False)
     assert len(recorded_batches) == 1 and recorded_batches[0][0][0] == len(texts)
     recorded_batches.clear()
@@ -207,13 +216,60 @@ def test_plan_batches_random_lengths(seed):
     _check_plan(lengths, batches, batch_size, max_batch_tokens)
 
 
-def test_plan_batches_packs_greedily():
-    """Batches are filled up to the caps, not split needlessly: row cap and token cap both bind."""
+def test_plan_batches_fills_batches_of_equal_rows():
+    """Rows of one length are not split needlessly: batches fill up to the caps, earlier ones first;
+    row cap and token cap both bind."""
     assert plan_batches([5] * 10, batch_size=4, max_batch_tokens=10_000) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     # Budget 100 with rows of 30: three fit (90), a fourth would pad to 120.
     assert [len(b) for b in plan_batches([30] * 7, batch_size=32, max_batch_tokens=100)] == [3, 3, 1]
-    # The padded width is the longest row of the batch: 50 + 10 + 10 pads to 3 x 50 = 150 > 100.
-    assert plan_batches([10, 50, 10], batch_size=32, max_batch_tokens=100) == [[1, 0], [2]]
+    # The padded width is the longest row of the batch: 50 + 10 + 10 pads to 3 x 50 = 150 > 100; and
+    # 50 + 10 (100 padded tokens) then 10 costs more than 50 then 10 + 10 (70).
+    assert plan_batches([10, 50, 10], batch_size=32, max_batch_tokens=100) == [[1], [0, 2]]
+
+
+def _padded_cost(lengths, batches, batch_cost):
+    return sum(len(b) * max(lengths[i] for i in b) + batch_cost for b in batches)
+
+
+def _greedy(lengths, batch_size, max_batch_tokens):
+    """Fill each batch to its caps (what plan_batches did before it weighed padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def test_plan_batches_weighs_padding_against_more_batches():
+    """Mixed lengths are cut where padding would cost more than another batch: 32 texts of 16..128 tokens
+    (one batch: 4,096 padded tokens for 2,304 real) run as 5 batches with 2,613; texts of 512 and of
+    32 tokens never share a batch; with batches free, no row is padded at all."""
+    assert BATCH_COST_TOKENS == 64
+    lengths = np.linspace(16, 128, 32).round().astype(int).tolist()
+    batches = plan_batches(lengths)
+    assert [len(b) for b in batches] == [6, 7, 6, 7, 6]
+    assert _padded_cost(lengths, batches, 0) == 2613
+    assert len(plan_batches(lengths, batch_cost_tokens=10**9)) == 1
+    mixed = [512, 32] * 4
+    assert sorted(map(sorted, plan_batches(mixed))) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    free = plan_batches(lengths, batch_cost_tokens=0)
+    assert all(len({lengths[i] for i in b}) == 1 for b in free)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_batches_costs_no_more_than_filling_greedily(seed):
+    """On random lengths and caps the plan's padded tokens plus batch cost never exceed the greedy fill's,
+    and it keeps every rule of a plan."""
+    rng = np.random.default_rng(100 + seed)
+    lengths = rng.integers(1, 600, size=int(rng.integers(1, 120))).tolist()
+    batch_size, max_batch_tokens = int(rng.integers(1, 40)), int(rng.integers(50, 5000))
+    batches = plan_batches(lengths, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+    _check_plan(lengths, batches, batch_size, max_batch_tokens)
+    greedy = _greedy(lengths, batch_size, max_batch_tokens)
+    assert _padded_cost(lengths, batches, BATCH_COST_TOKENS) <= _padded_cost(lengths, greedy, BATCH_COST_TOKENS)
 
 
 def test_plan_batches_over_long_rows_run_alone():
@@ -234,7 +290,8 @@ def test_plan_batches_edge_inputs():
     """No rows gives no batches; one row gives one batch; numpy arrays of lengths work too."""
     assert plan_batches([]) == []
     assert plan_batches([7]) == [[0]]
-    assert plan_batches(np.array([2, 9, 4]), batch_size=2, max_batch_tokens=100) == [[1, 2], [0]]
+    # Two batches either way: 9 alone and 4 + 2 (padded 9 + 8) beats 9 + 4 and 2 (18 + 2).
+    assert plan_batches(np.array([2, 9, 4]), batch_size=2, max_batch_tokens=100) == [[1], [2, 0]]
 
 
 @pytest.mark.parametrize("name", ["batch_size", "max_batch_tokens"])
