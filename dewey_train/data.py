@@ -25,7 +25,7 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from runtimes.testing import python_doc_topics
+from runtimes.corpus import python_doc_topics
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl",)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from runtimes.config import DEWEY_INSTRUCTION_TOKENS
 from runtimes.files import atomic_path
-from runtimes.testing import dewey_config_dict
+from runtimes.config import dewey_config_dict
 from runtimes.tokenization import TOKENIZER_FILE, read_tokenizer_file
 
 from .config import StudentShape

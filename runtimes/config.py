@@ -176,3 +176,58 @@ def read_config_dict(folder: str | Path) -> dict:
 
 def load_config(folder: str | Path) -> DeweyConfig:
     return DeweyConfig.from_dict(read_config_dict(folder), source=str(Path(folder) / CONFIG_FILE))
+
+
+MODERNBERT_NORM_EPS = 1e-5
+# Dewey's attention pattern and RoPE bases, as in dewey_en_beta's config.json.
+DEWEY_GLOBAL_ATTN_EVERY_N_LAYERS = 3
+DEWEY_GLOBAL_ROPE_THETA = 73780400.0
+DEWEY_LOCAL_ROPE_THETA = 10000.0
+
+
+def dewey_config_dict(
+    vocab_size: int,
+    cls_token_id: int,
+    sep_token_id: int,
+    pad_token_id: int,
+    *,
+    hidden_size: int,
+    intermediate_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    local_attention: int,
+    global_attn_every_n_layers: int,
+    global_rope_theta: float,
+    local_rope_theta: float,
+    max_position_embeddings: int,
+    initializer_range: float,
+    vector_size: int,
+    single_vector_type: str,
+) -> dict:
+    """The config.json dict of a new Dewey model: ModernBERT's keys plus the Dewey fields (vector size,
+    single-vector mode, prompts, instruction tokens)."""
+    return {
+        "model_type": "modernbert",
+        "architectures": ["ModernBertModel"],
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "local_attention": local_attention,
+        "global_attn_every_n_layers": global_attn_every_n_layers,
+        "global_rope_theta": global_rope_theta,
+        "local_rope_theta": local_rope_theta,
+        "max_position_embeddings": max_position_embeddings,
+        "norm_eps": MODERNBERT_NORM_EPS,
+        "initializer_range": initializer_range,
+        "cls_token_id": cls_token_id,
+        "bos_token_id": cls_token_id,
+        "sep_token_id": sep_token_id,
+        "eos_token_id": sep_token_id,
+        "pad_token_id": pad_token_id,
+        "vector_size": vector_size,
+        "single_vector_type": single_vector_type,
+        "prompts": dict(DEWEY_PROMPTS),
+        "instruction_tokens": list(DEWEY_INSTRUCTION_TOKENS),
+    }

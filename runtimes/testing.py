@@ -1,9 +1,8 @@
-"""New Dewey checkpoints built offline: the config.json of a new model, and small deterministic
-checkpoints for tests, examples and benchmarks, with the text corpus they need.
+"""Small deterministic Dewey checkpoints built offline, for tests, examples and benchmarks.
 
-``dewey_config_dict`` is the one builder of a new model's config.json (``dewey_train`` builds its
-students with it); ``python_doc_topics`` is the one reader of the Python documentation corpus that the
-test tokenizer, the training data and the evaluation filler are made of.
+The config comes from ``runtimes.config.dewey_config_dict`` (the one builder of a new model's
+config.json, which ``dewey_train`` builds its students with too) and the tokenizer's training text
+from ``runtimes.corpus.python_doc_topics``.
 
 The tokenizer is a byte-level BPE (the kind ModernBERT uses) trained on the Python standard library's
 own documentation (``pydoc_data``), so it needs no download and every machine builds the same one. It
@@ -16,25 +15,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import DEWEY_INSTRUCTION_TOKENS, DEWEY_PROMPTS
+from .config import (
+    DEWEY_GLOBAL_ATTN_EVERY_N_LAYERS,
+    DEWEY_GLOBAL_ROPE_THETA,
+    DEWEY_INSTRUCTION_TOKENS,
+    DEWEY_LOCAL_ROPE_THETA,
+    dewey_config_dict,
+)
+from .corpus import python_doc_topics
 from .files import atomic_path
 from .tokenization import TOKENIZER_FILE
 
 SPECIAL_TOKENS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
 TEST_VOCAB_SIZE = 1024
-MODERNBERT_NORM_EPS = 1e-5
-# Dewey's attention pattern and RoPE bases, as in dewey_en_beta's config.json.
-DEWEY_GLOBAL_ATTN_EVERY_N_LAYERS = 3
-DEWEY_GLOBAL_ROPE_THETA = 73780400.0
-DEWEY_LOCAL_ROPE_THETA = 10000.0
-
-
-def python_doc_topics() -> list[str]:
-    """The pages of the Python documentation's topics (``pydoc_data.topics``, shipped with every Python),
-    in key order: real English text that needs no download."""
-    from pydoc_data.topics import topics
-
-    return [topics[key] for key in sorted(topics)]
 
 
 def build_test_tokenizer(vocab_size: int = TEST_VOCAB_SIZE):
@@ -53,54 +46,6 @@ def build_test_tokenizer(vocab_size: int = TEST_VOCAB_SIZE):
     tokenizer.train_from_iterator(python_doc_topics(), trainer)
     tokenizer.add_special_tokens(list(DEWEY_INSTRUCTION_TOKENS))
     return tokenizer
-
-
-def dewey_config_dict(
-    vocab_size: int,
-    cls_token_id: int,
-    sep_token_id: int,
-    pad_token_id: int,
-    *,
-    hidden_size: int,
-    intermediate_size: int,
-    num_hidden_layers: int,
-    num_attention_heads: int,
-    local_attention: int,
-    global_attn_every_n_layers: int,
-    global_rope_theta: float,
-    local_rope_theta: float,
-    max_position_embeddings: int,
-    initializer_range: float,
-    vector_size: int,
-    single_vector_type: str,
-) -> dict:
-    """The config.json dict of a new Dewey model: ModernBERT's keys plus the Dewey fields (vector size,
-    single-vector mode, prompts, instruction tokens)."""
-    return {
-        "model_type": "modernbert",
-        "architectures": ["ModernBertModel"],
-        "vocab_size": vocab_size,
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": num_hidden_layers,
-        "num_attention_heads": num_attention_heads,
-        "local_attention": local_attention,
-        "global_attn_every_n_layers": global_attn_every_n_layers,
-        "global_rope_theta": global_rope_theta,
-        "local_rope_theta": local_rope_theta,
-        "max_position_embeddings": max_position_embeddings,
-        "norm_eps": MODERNBERT_NORM_EPS,
-        "initializer_range": initializer_range,
-        "cls_token_id": cls_token_id,
-        "bos_token_id": cls_token_id,
-        "sep_token_id": sep_token_id,
-        "eos_token_id": sep_token_id,
-        "pad_token_id": pad_token_id,
-        "vector_size": vector_size,
-        "single_vector_type": single_vector_type,
-        "prompts": dict(DEWEY_PROMPTS),
-        "instruction_tokens": list(DEWEY_INSTRUCTION_TOKENS),
-    }
 
 
 def test_config(

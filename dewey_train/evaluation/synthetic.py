@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from runtimes.testing import python_doc_topics
+from runtimes.corpus import python_doc_topics
 from runtimes.validation import require_int
 
 from .metrics import recall_at_k

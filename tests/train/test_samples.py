@@ -11,7 +11,7 @@ pytest.importorskip("torch")  # the session encoder runs the torch backend
 from dewey_train.config import config_from_dict  # noqa: E402
 from dewey_train.samples import SampleBuilder, split_into_pieces  # noqa: E402
 from runtimes import TruncationWarning  # noqa: E402
-from runtimes.testing import python_doc_topics  # noqa: E402
+from runtimes.corpus import python_doc_topics  # noqa: E402
 
 # Only whitespace fits in a row: the recursive splitter finds no chunk in it and falls back to windows.
 WHITESPACE_FIRST = "\n" * 2000 + "the text starts after the row ends"
