@@ -17,7 +17,7 @@ of the time at 8k tokens on the ModernBERT-base shape (runtimes.backends.onnx_ba
 The price is a page fault per 4 KiB of every large tensor, which short batches feel: ModernBERT-base
 shape, 8 x 512 tokens, 2 threads, PyTorch 6.45 -> 7.61 s per batch (+18 %); a 4 MiB threshold would
 not help (those tensors are 12 MB). So the threshold follows the batch (``tune_for_length``, called by
-the backends before each forward): rows longer than ``LONG_ROW_TOKENS`` get the 1 MiB threshold;
+the PyTorch backend before each forward): rows longer than ``LONG_ROW_TOKENS`` get the 1 MiB threshold;
 shorter ones get a fixed 32 MiB, glibc's own ceiling for its moving threshold, so they reuse heap memory
 as before. With this policy the same batch ran as fast as with malloc untouched (PyTorch 5.78-6.16
 against 5.76-6.16 s, alternating runs).

@@ -236,8 +236,9 @@ def _greedy(lengths, batch_size, max_batch_tokens):
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches = []
     for i in order:
-        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens:
-            batches[-1].append(i)
+        current = batches[-1] if batches else None
+        if current and len(current) < batch_size and (len(current) + 1) * lengths[current[0]] <= max_batch_tokens:
+            current.append(i)
         else:
             batches.append([i])
     return batches
