@@ -102,9 +102,9 @@ def in_process(args) -> None:
     for line in sys.stdin:
         if line.strip() != "go":
             break
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         encoder.encode(texts)
-        print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+        print(json.dumps({"seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}), flush=True)
     print(json.dumps(memory()), flush=True)
 
 
@@ -171,6 +171,12 @@ def saturate(port: int, texts: list[str], clients: int, per_request: int) -> flo
     for thread in threads:
         thread.join()
     return time.perf_counter() - start
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def metric(port: int, name: str) -> float:
@@ -266,17 +272,24 @@ def main() -> None:
                   f"in-process load {setup['load_s']:.1f} s", flush=True)
             saturate(port, texts[: len(texts) // 4], args.clients, args.per_request)  # warm the request path
             padded_before = metric(port, "dewey_serve_batch_padded_tokens_sum")
-            local_s, server_s = [], []
+            local_s, server_s, local_cpu, server_cpu = [], [], [], []
             for _ in range(args.rounds):  # alternate, so both see the same load of a shared machine
-                local_s.append(ask("go")["seconds"])
+                answer = ask("go")
+                local_s.append(answer["seconds"])
+                local_cpu.append(answer["cpu_s"])
+                cpu = cpu_seconds(process.pid)
                 server_s.append(saturate(port, texts, args.clients, args.per_request))
+                server_cpu.append(cpu_seconds(process.pid) - cpu)
             padded = (metric(port, "dewey_serve_batch_padded_tokens_sum") - padded_before) / args.rounds
             local_rate, rate = tokens / statistics.median(local_s), tokens / statistics.median(server_s)
             print(f"{tokens} tokens ({len(texts)} texts of 8..512 tokens), median of {args.rounds} alternating rounds: "
                   f"in-process {local_rate:.0f} tokens/s (padded to {setup['padded']}); through the server, "
                   f"{args.clients} clients x {args.per_request} texts per request: {rate:.0f} tokens/s "
                   f"(padded to {padded:.0f}) = {rate / local_rate:.2f}x in-process", flush=True)
-            print(f"  rounds in-process s {[round(x, 2) for x in local_s]}, server s {[round(x, 2) for x in server_s]}")
+            print(f"  rounds, wall s: in-process {[round(x, 2) for x in local_s]}, server {[round(x, 2) for x in server_s]}")
+            print(f"  CPU s of the encoding process: in-process {[round(x, 2) for x in local_cpu]}, server "
+                  f"{[round(x, 2) for x in server_cpu]}: tokens per CPU-second through the server = "
+                  f"{statistics.median(local_cpu) / statistics.median(server_cpu):.2f}x in-process", flush=True)
             server_memory = memory(process.pid)
             local_memory = ask("quit")
             print(f"memory after the same texts: in-process RSS {local_memory['rss_mib']} MiB (peak "
