@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -117,6 +118,7 @@ def create_app(settings: Settings) -> FastAPI:
     state = ServerState(settings)
     state.key_digests = tuple(hashlib.sha256(k.encode("utf-8")).digest() for k in settings.api_keys)
 
+    @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         threading.Thread(target=_load, args=(state,), name="dewey-load", daemon=True).start()
         yield
