@@ -89,3 +89,15 @@ def test_a_client_that_disconnects_leaves_the_queue(torch_server):
     assert torch_server.metric("dewey_serve_batch_rows_sum") - rows_run == first_rows
     gone = [r for r in torch_server.events("request") if r["status"] == 499]
     assert gone and gone[-1]["path"] == "/v1/embeddings"
+
+
+def test_a_request_split_across_batches_is_answered_in_order(torch_server, mini_torch):
+    from runtimes.batching import DEFAULT_BATCH_SIZE
+
+    texts = corpus_texts(DEFAULT_BATCH_SIZE + 16)[::-1]  # more rows than one batch holds, lengths mixed
+    status, _, body = http("POST", torch_server.url + "/v1/embeddings",
+                           {"model": "dewey-mini", "input": texts, "encoding_format": "float"}, AUTH)
+    assert status == 200 and [d["index"] for d in body["data"]] == list(range(len(texts)))
+    np.testing.assert_allclose([d["embedding"] for d in body["data"]], mini_torch.encode(texts), rtol=0,
+                               atol=PARITY_ATOL)
+    assert [r for r in torch_server.events("request") if r["path"] == "/v1/embeddings"][-1]["batches"] >= 2
