@@ -5,6 +5,7 @@ search finds the page a question comes from."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import numpy as np
 import pytest
@@ -152,3 +153,14 @@ class _OtherEmbeddings:
 
     def embed_query(self, text):
         return [0.0]
+
+
+def test_example_runs(tmp_path):
+    from test_examples import run_example, succeeded
+
+    out = succeeded(run_example("langchain_vector_store.py", cwd=tmp_path))
+    assert "whole pages: best page 'with'" in out, out
+    exact = re.search(r"== chunk text for (\d+) of (\d+) chunks", out)
+    assert exact and exact[1] == exact[2] and int(exact[2]) > 8, out
+    best_chunk = out.split("chunks\n")[-1].splitlines()[0]
+    assert "page 'with'" in best_chunk and "__enter__" in best_chunk, out

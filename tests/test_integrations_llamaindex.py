@@ -5,6 +5,7 @@ index does not re-embed the nodes, and retrieval returns the node holding the qu
 from __future__ import annotations
 
 import asyncio
+import re
 
 import numpy as np
 import pytest
@@ -134,3 +135,14 @@ def test_blank_documents_give_no_nodes_and_bad_settings_are_refused(encoder):
         LateChunkNodeParser(encoder, chunk_size=16, chunk_overlap=16)
     with pytest.raises(ValueError, match="mode"):
         DeweyEmbedding(encoder, mode="max")
+
+
+def test_example_runs(tmp_path):
+    from test_examples import run_example, succeeded
+
+    out = succeeded(run_example("llamaindex_ingestion.py", cwd=tmp_path))
+    nodes = re.search(r"(\d+) nodes of 8 pages, each with its late-chunk embedding \((\d+) set\)", out)
+    exact = re.search(r"== node\.text for (\d+) of (\d+) nodes", out)
+    assert nodes and nodes[1] == nodes[2] == exact[1] == exact[2], out
+    best = out.split("question: ")[1].splitlines()[1]
+    assert "page 'assert'" in best, out

@@ -7,6 +7,7 @@ equals the project's own evaluation (``ndcg_at_k``) of the same vectors, single-
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -66,7 +67,7 @@ class LocalRetrieval(AbsTaskRetrieval):
 def mteb_scores(model) -> dict[str, float]:
     """mteb's retrieval metrics of ``model`` on the local task (nothing cached on disk)."""
     result = mteb.evaluate(model, LocalRetrieval(), cache=None, show_progress_bar=False,
-                           encode_kwargs={"batch_size": 8})
+                           encode_kwargs={"batch_size": 8, "show_progress_bar": False})
     scores = result.task_results[0].scores["test"][0]
     return {key: float(value) for key, value in scores.items() if key.startswith(METRICS)}
 
@@ -166,7 +167,8 @@ def test_multi_vector_search_scores_best_chunks_and_reranks_only_candidates(torc
     task.load_data()
     split = task.dataset["default"]["test"]
     model = DeweyMTEBMultiVector(torch_encoder, chunk_size=CHUNK_SIZE, chunk_overlap=CHUNK_OVERLAP)
-    options = dict(task_metadata=task.metadata, hf_split="test", hf_subset="default", encode_kwargs={"batch_size": 8})
+    options = dict(task_metadata=task.metadata, hf_split="test", hf_subset="default",
+                   encode_kwargs={"batch_size": 8, "show_progress_bar": False})
     with pytest.raises(ValueError, match="index"):
         model.search(split["queries"], top_k=3, **options)
     model.index(split["corpus"], **options)
@@ -182,3 +184,16 @@ def test_multi_vector_search_scores_best_chunks_and_reranks_only_candidates(torc
     candidates = {f"q{k}": [ids[(g + 1) % len(ids)], ids[g]] for k, g in enumerate(gold)}
     reranked = model.search(split["queries"], top_k=5, top_ranked=candidates, **options)
     assert all(set(reranked[q]) == set(candidates[q]) for q in candidates)
+
+
+def test_example_scores_the_same_on_both_backends(tmp_path, mini_onnx):
+    from test_examples import run_example, succeeded
+
+    lines = {}
+    for backend, folder in (("torch", None), ("onnx", mini_onnx)):
+        args = [] if folder is None else ["--model", folder, "--backend", backend]
+        out = succeeded(run_example("mteb_local_task.py", *args, cwd=tmp_path))
+        lines[backend] = [line for line in out.splitlines() if line.startswith("DeweyMTEB")]
+    assert len(lines["torch"]) == 2 and lines["torch"] == lines["onnx"], lines
+    for line in lines["torch"]:
+        assert 0.5 < float(re.search(r"ndcg_at_10 ([\d.]+)", line)[1]) <= 1.0, line
