@@ -54,3 +54,17 @@ def test_missing_library_names_its_extra(module):
     result = run_python(code)
     assert result.returncode == 0, result.stderr
     assert f"pip install 'dewey[{extra}]'" in result.stdout, result.stdout
+
+
+def test_standard_prompts_the_model_does_not_declare_are_dropped():
+    from types import SimpleNamespace
+
+    from runtimes.config import DEWEY_PROMPTS
+    from runtimes.integrations.common import model_prompt
+
+    without = SimpleNamespace(config=SimpleNamespace(prompts={}))
+    declaring = SimpleNamespace(config=SimpleNamespace(prompts=dict(DEWEY_PROMPTS)))
+    assert model_prompt(without, "query") is None and model_prompt(without, "passage") is None
+    assert model_prompt(declaring, "query") == "query" and model_prompt(declaring, "passage") == "passage"
+    assert model_prompt(without, "Represent this text: ") == "Represent this text: "  # a literal prompt
+    assert model_prompt(declaring, None) is None
