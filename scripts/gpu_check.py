@@ -89,7 +89,7 @@ def run_parity(deadline: float) -> dict:
     timeout = int(deadline - time.time())
     if timeout < MIN_SECONDS_FOR_BACKEND:
         return {**row, "status": "skipped", "note": "time budget spent"}
-    command = [sys.executable, "-m", "pytest", "tests/parity", "-q", "-rs", "-p", "no:cacheprovider",
+    command = [sys.executable, "-m", "pytest", "tests/parity", "-q", "-rfEs", "-p", "no:cacheprovider",
                "-k", "not tensorrt"]
     started = time.perf_counter()
     try:
