@@ -190,8 +190,8 @@ def _settings(model: Path, backend: str, options, fields) -> tuple:
         if backend == "torch":
             raise ModelFileError(f"--model {model} is a dewey-export folder; the torch backend reads a checkpoint")
         export = check_export_files(model)
-        kind, precision = "export", export["precision"]
-        files = {name: entry["sha256"] for name, entry in export["files"].items()}
+        kind, precision = "export", export.precision
+        files = {name: entry["sha256"] for name, entry in export.files.items()}
     else:
         if backend != "torch":
             raise ModelFileError(f"--backend {backend} reads a dewey-export folder, and --model {model} is a "

@@ -147,7 +147,7 @@ def evaluate_command(model_path, config_path, data, teacher, out_json, queries, 
 @click.option("--heldout-fraction", type=float, default=0.05, show_default=True)
 def corpus(data, heldout_fraction):
     """Size of a corpus (documents, characters, teacher-tokenizer tokens) and its train/held-out split."""
-    from .data import corpus_stats, split_documents
+    from runtimes.corpus import corpus_stats, split_documents
     from runtimes.tokenization import read_tokenizer_file
 
     from .teacher import resolve_teacher_path

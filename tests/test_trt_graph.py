@@ -20,7 +20,7 @@ import pytest
 from onnx import numpy_helper
 
 from dewey_export import trt_build
-from dewey_export.trt_build import DECOMPOSABLE_ATTRIBUTE, EngineBuildSettings, parser_graph
+from dewey_export.trt_build import DECOMPOSABLE_ATTRIBUTE, TensorRTTarget, parser_graph
 from dewey_export.trt_precision import precision_plan
 from runtimes.export_format import ONNX_FILE
 from runtimes.trt_plan import plan_profiles
@@ -40,10 +40,11 @@ PAST_FP16_INTEGERS = 4100
 @pytest.fixture(scope="module")
 def fp16_graph(checkpoint, tmp_path_factory):
     """The tiny checkpoint's fp16 gpu-target export (opset 23: Attention and RotaryEmbedding nodes)."""
-    from dewey_export.onnx_export import export_onnx
+    from dewey_export.onnx_export import OnnxTarget
+    from dewey_export.pipeline import export
 
     folder = tmp_path_factory.mktemp("gpu-fp16") / "export"
-    return export_onnx(checkpoint, folder, target="gpu", precision="fp16", verify=False, log=lambda m: None).folder
+    return export(checkpoint, folder, OnnxTarget(form="gpu", precision="fp16"), verify=False, log=lambda m: None).folder
 
 
 def attention_nodes(model: onnx.ModelProto) -> list:
@@ -232,7 +233,7 @@ def build(fp16_graph, tmp_path, version="10.15.1.29", precision="fp16", cache=No
         cache_path.write_bytes(cache)
     engine = trt_build._serialize_engine(
         fake, fp16_graph / ONNX_FILE, precision_plan(precision, version), plan_profiles([(512, 8), (2048, 1)], 8192),
-        EngineBuildSettings(precision=precision, **settings), cache_path, log.append)
+        TensorRTTarget(precision=precision, **settings), cache_path, log.append)
     return fake, engine, log
 
 

@@ -15,7 +15,7 @@ import zlib
 import numpy as np
 import pytest
 
-from dewey_train.evaluation.metrics import ndcg_at_k, recall_at_k
+from runtimes.evaluation import ndcg_at_k, recall_at_k
 from dewey_train.evaluation.report import format_table
 from dewey_train.evaluation.retrieval import (
     METHODS,
