@@ -97,9 +97,8 @@ def check_export_files(folder: str | Path, hashes: bool = True) -> ExportManifes
     first, and only files of the right size are hashed. The files the runtime reads (config, tokenizer,
     the graph (ONNX, or OpenVINO IR), TensorRT engine and its metadata) must be listed; other files beside
     them (an ONNX Runtime engine cache, a note) are never read and not checked. Raises
-    ``ExportFilesChanged`` naming every file that differs. sha256 ran at 560-620 MB/s on the 2-core
-    development machine (a 100 MB file, page cache warm): about 3 s for the 1.6 GB of a large fp32 model;
-    ``hashes=False`` keeps the size check only.
+    ``ExportFilesChanged`` naming every file that differs. Hashing costs seconds for a large fp32 model
+    (docs/benchmarks.md); ``hashes=False`` keeps the size check only.
     """
     from .trt_plan import ENGINE_FILE, METADATA_FILE  # trt_plan imports this module's INPUTS
 

@@ -106,17 +106,13 @@ def default_session_options(threads: int | None = None):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or available_cpus()
     options.inter_op_num_threads = 1
-    # Memory of a long document (runtimes.memory tells the story for malloc). ONNX Runtime's CPU
-    # arena stays on: it hands freed blocks to later tensors of any size, where without it every
-    # large tensor is a fresh mapping the kernel must fault in and zero (ModernBERT-base shape,
-    # 8,192 tokens, 2 threads, buffer reuse off: 22.5 s and 8.8 M page faults without the arena and
-    # with malloc's mmap threshold at 1 MiB, 0.76 GiB peak RSS; 14.9 s and 0.09 M faults with the
-    # arena). Buffer reuse is off: the planner keeps a freed buffer for a later tensor of the same
-    # size, and on a long document those gaps span layers (same document: 0.85 GiB peak RSS without
-    # it, 1.85 with it, for the same speed). After a run over long rows the arena gives its free
-    # chunks back (``forward``), so the next document starts from the weights again: without that
-    # the arena grew 2.10 -> 3.78 GiB over repeated 128k-token runs (tiny shape); with it every run
-    # peaks at 2.10.
+    # Memory of a long document (runtimes.memory tells the story for malloc; the measurements are in
+    # docs/benchmarks.md, "Decisions in the code"). ONNX Runtime's CPU arena stays on: it hands freed
+    # blocks to later tensors of any size, where without it every large tensor is a fresh mapping the
+    # kernel must fault in and zero (a third slower at 8k tokens). Buffer reuse is off: the planner keeps
+    # a freed buffer for a later tensor of the same size, and on a long document those gaps span layers
+    # (twice the peak memory for the same speed). After a run over long rows the arena gives its free
+    # chunks back (``forward``), so the next document starts from the weights again instead of growing.
     options.enable_mem_reuse = False
     return options
 
