@@ -24,6 +24,7 @@ import click
 from runtimes.errors import EXIT_BAD_INPUT, EXIT_VERIFICATION_FAILED, VerificationFailed, cli_errors
 from runtimes.precision import PRECISIONS
 
+from .triton import INT32_MAX
 from .trt_build import TensorRTTarget
 from .verify import INT8_WEIGHTS
 
@@ -186,7 +187,7 @@ def trt_command(model, out, overwrite, verify, gate_data, precision, buckets, wo
               help="Serve the ONNX graph (onnxruntime_onnx) or a trt folder's engine (tensorrt_plan).")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
               help="Instances of each model.")
-@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=None,
+@click.option("--max-batch-tokens", type=click.IntRange(min=1, max=INT32_MAX), default=None,
               help="Padded tokens per graph batch (default 16384); sets max_batch_size.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it holds a previous repository.")
 def triton_command(export_folder, out, engine, instances, max_batch_tokens, overwrite):

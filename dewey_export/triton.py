@@ -26,8 +26,15 @@ from pathlib import Path
 import runtimes
 from runtimes.batching import DEFAULT_MAX_BATCH_TOKENS
 from runtimes.config import load_config
-from runtimes.errors import ExportError, ModelFileError, VerificationFailed
-from runtimes.export_format import MANIFEST_FILE, ONNX_FILE, ExportManifest, check_export_files
+from runtimes.errors import BadInputError, ExportError, ModelFileError, VerificationFailed
+from runtimes.export_format import (
+    MANIFEST_FILE,
+    ONNX_FILE,
+    ExportManifest,
+    check_export_files,
+    contract_tensors,
+    sha256_file,
+)
 from runtimes.files import clean_leftovers, staged_folder
 from runtimes.trt_plan import ENGINE_FILE, EngineMetadata
 from runtimes.validation import require_int
@@ -38,7 +45,8 @@ GRAPH_MODEL = "dewey_graph"
 TEXT_MODEL = "dewey_text"
 MODEL_VERSION = "1"
 REPOSITORY_MANIFEST = "dewey_triton.json"
-REPOSITORY_FORMAT = 1
+# 2: "source" records the export's path and its manifest's sha256 (1: a path only).
+REPOSITORY_FORMAT = 2
 # Engine -> (Triton platform, the file the platform loads from the version folder).
 ENGINES = {"onnx": ("onnxruntime_onnx", ONNX_FILE), "trt": ("tensorrt_plan", ENGINE_FILE)}
 # The NGC container of Triton 2.51, the server release the tests load these repositories into. Its Python
@@ -55,7 +63,11 @@ SHORT_ROW_TOKENS = 128
 MAX_QUEUE_DELAY_US = 2000
 # Folder of the text model's version folder holding config.json and the tokenizer (triton_model.MODEL_FILES).
 MODEL_FILES = "model_files"
+# Triton's data type of each element type of the backend contract (runtimes.export_format).
 _TRITON_TYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32"}
+# Triton's max_batch_size and dims are int32 (model_config.proto); a larger token budget would write a
+# config the server refuses.
+INT32_MAX = 2**31 - 1
 # The text model's outputs: name -> (Triton type, dims after the batch axis; "vector_size" is D).
 TEXT_OUTPUTS = {
     "vectors": ("TYPE_FP32", ["vector_size"]),
@@ -84,6 +96,8 @@ def write_triton_repository(source, out, engine: str = "onnx", instances: int = 
     instances = require_int("instances", instances, 1)
     if max_batch_tokens is not None:
         max_batch_tokens = require_int("max_batch_tokens", max_batch_tokens, 1)
+        if max_batch_tokens > INT32_MAX:
+            raise BadInputError(f"max_batch_tokens {max_batch_tokens} is above Triton's int32 limit {INT32_MAX}")
     source, out = Path(source).resolve(), Path(out).resolve()
     if not source.is_dir():
         raise ModelFileError(f"{source} is not a folder (expected a dewey export folder)")
@@ -136,8 +150,9 @@ def repository_layout(export: Path, manifest: ExportManifest, engine: str, insta
         "platform": platform,
         "graph_file": graph_file,
         "vector_size": load_config(export).vector_size,
-        "inputs": manifest.graph["inputs"],
-        "outputs": manifest.graph["outputs"],
+        # The configs are written from the contract itself, never from strings of the manifest (which
+        # read_manifest has checked against it): nothing a manifest holds reaches config.pbtxt.
+        **contract_tensors(),
         "max_batch_size": max_batch_size,
         "max_batch_tokens": budget if max_batch_tokens is None else min(budget, max_batch_tokens),
         "instances": instances,
@@ -168,7 +183,9 @@ def lay_out_repository(export: Path, folder: Path, layout: dict) -> None:
     (folder / TEXT_MODEL / "config.pbtxt").write_text(text_config(layout), encoding="utf-8")
 
     (folder / "README.md").write_text(repository_readme(layout), encoding="utf-8")
-    record = {"format": REPOSITORY_FORMAT, "source": str(export), "models": [GRAPH_MODEL, TEXT_MODEL],
+    record = {"format": REPOSITORY_FORMAT, "source": {"path": str(export),
+                                                      "manifest_sha256": sha256_file(export / MANIFEST_FILE)},
+              "models": [GRAPH_MODEL, TEXT_MODEL],
               "container": TRITON_CONTAINER, **{k: v for k, v in layout.items() if k not in ("inputs", "outputs")}}
     (folder / REPOSITORY_MANIFEST).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtimes.backends.openvino_backend import INT8_WEIGHTS
 from runtimes.config import CONFIG_FILE, DeweyConfig, ModelFileError, load_config
 from runtimes.export_format import ExportManifest, sha256_file
 from runtimes.precision import precision_name
@@ -28,8 +29,7 @@ FP32_MIN_COSINE = 0.99999
 
 # Reduced precision (fp16/bf16 graphs) against fp32: direction only, as for TensorRT's fp16/bf16 engines.
 REDUCED_MIN_COSINE = 0.999
-# Weight-only int8 (OpenVINO's --precision int8) is held to the reduced-precision limits too.
-INT8_WEIGHTS = "int8"
+# Weight-only int8 (OpenVINO's --precision int8, INT8_WEIGHTS) is held to the reduced-precision limits too.
 
 
 def check_checkpoint(checkpoint: Path) -> DeweyConfig:

@@ -33,6 +33,8 @@ OPENVINO_BIN_FILE = "model.bin"
 OPENVINO_KEY = "openvino"
 # The manifest key of each kind of graph: the ONNX graph, or the OpenVINO IR.
 GRAPH_KEYS = ("onnx", OPENVINO_KEY)
+# The graph forms a manifest's "target" may name (dewey_export.onnx_export.GRAPH_FORMS).
+GRAPH_FORM_NAMES = ("cpu", "gpu", "openvino")
 # 2: the "files" table (size and sha256 of every file) replaced format 1's onnx bytes/sha256.
 MANIFEST_FORMAT = 2
 # Files every export folder holds and the runtime reads, beside its graph (graph_files): the table must
@@ -286,6 +288,9 @@ def _check_fields(manifest: dict, graph_key: str, path: Path) -> None:
         _field(graph, side, f"{graph_key}.{side}", f"the backend contract's tensors {expected[side]}",
                lambda v, want=expected[side]: v == want, path)
     _field(manifest, "precision", "precision", f"one of {', '.join(PRECISIONS)}", lambda v: v in PRECISIONS, path)
+    if "target" in manifest:
+        _field(manifest, "target", "target", f"one of {', '.join(GRAPH_FORM_NAMES)}",
+               lambda v: v in GRAPH_FORM_NAMES, path)
     _field(manifest, "parity", "parity", "an object", _is_object, path)
     for name in REPORTS:
         if name in manifest:

@@ -275,3 +275,61 @@ def test_export_side_imports_without_dewey_train():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "blocked"
+
+
+# -- issue 22's export-side cases: what a manifest says never reaches a config, a README or a limit --
+
+
+@pytest.mark.parametrize("change, key", [
+    # a tensor name with quotes and newlines once added `backend: "python"` to config.pbtxt
+    (lambda d: d["onnx"]["inputs"].update({'x" }\nbackend: "python"\n{ name: "y': d["onnx"]["inputs"].pop("input_ids")}),
+     "onnx.inputs"),
+    (lambda d: d["onnx"]["inputs"]["input_ids"].update(type="int32"), "onnx.inputs"),  # once a KeyError
+    (lambda d: d["onnx"]["outputs"]["cls"].update(axes=[True, "vector_size"]), "onnx.outputs"),
+    (lambda d: d.update(target="cpu`](javascript:alert(1))"), "target"),  # once verbatim in the README
+])
+def test_triton_refuses_a_manifest_outside_the_contract(onnx_export, tmp_path, change, key):
+    folder = Path(shutil.copytree(onnx_export, tmp_path / "tampered"))
+    data = read_manifest(folder).to_dict()
+    change(data)
+    write_manifest(folder, data)  # the manifest is not in its own files table: only the contract check sees this
+    result = CliRunner().invoke(main, ["triton", str(folder), "--out", str(tmp_path / "repo")])
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert key in result.output and "Traceback" not in result.output and not (tmp_path / "repo").exists()
+
+
+def test_triton_configs_come_from_the_contract_with_int32_bounds(onnx_export, tmp_path):
+    from dewey_export.triton import INT32_MAX, REPOSITORY_MANIFEST
+
+    too_many = CliRunner().invoke(main, ["triton", str(onnx_export), "--out", str(tmp_path / "big"),
+                                         "--max-batch-tokens", str(INT32_MAX + 1)])
+    assert too_many.exit_code == EXIT_BAD_INPUT and not (tmp_path / "big").exists(), too_many.output
+    repo = write_triton_repository(onnx_export, tmp_path / "repo", log=lambda m: None)
+    config = (repo / "dewey_graph" / "config.pbtxt").read_text()
+    assert config.count("name:") == 1 + 5 and "backend" not in config  # the model and the contract's 5 tensors
+    record = json.loads((repo / REPOSITORY_MANIFEST).read_text())
+    from runtimes.export_format import sha256_file
+
+    assert record["source"] == {"path": str(onnx_export.resolve()),
+                                "manifest_sha256": sha256_file(onnx_export / MANIFEST_FILE)}
+
+
+def test_graph_forms_are_the_forms_the_manifest_accepts():
+    from runtimes.export_format import GRAPH_FORM_NAMES
+
+    assert tuple(onnx_export.GRAPH_FORMS) == GRAPH_FORM_NAMES
+
+
+def test_openvino_weights_come_from_the_ir_not_the_label(checkpoint, tmp_path):
+    """An fp32 IR whose manifest was edited to say int8 would have been judged by int8's looser limits."""
+    pytest.importorskip("openvino")
+    from dewey_export.openvino_export import OpenVINOTarget
+
+    folder = export(checkpoint, tmp_path / "ov", OpenVINOTarget(precision="fp32"), verify=False,
+                    log=lambda m: None).folder
+    data = read_manifest(folder).to_dict()
+    data["openvino"]["weights"] = "int8"
+    write_manifest(folder, data)
+    result = CliRunner().invoke(main, ["verify", str(folder)])
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "holds fp32 weights" in result.output

@@ -21,6 +21,8 @@ from ..precision import precision_name
 from . import contract_inputs
 from .onnx_backend import available_cpus
 
+# Weight-only int8, as dewey-export openvino --precision int8 writes it.
+INT8_WEIGHTS = "int8"
 # The CPU plugin's OPTIMIZATION_CAPABILITIES entry for native bfloat16 arithmetic.
 BF16_CAPABILITY = "BF16"
 # The CPU plugin's INFERENCE_PRECISION_HINT for each precision this backend runs.
@@ -49,11 +51,20 @@ def inference_precision(requested, has_bf16: bool, exported: str = "fp32") -> st
     return precision
 
 
+def ir_weights(model) -> str:
+    """``int8`` when the IR's weights are int8 (nncf's compressed constants, int8 or uint8), else ``fp32``."""
+    import openvino as ov
+
+    compressed = (ov.Type.i8, ov.Type.u8)
+    return INT8_WEIGHTS if any(op.get_type_name() == "Constant" and op.get_element_type() in compressed
+                               for op in model.get_ops()) else "fp32"
+
+
 class OpenVINOBackend:
     name = "openvino"
 
     def __init__(self, model_path: str | Path, precision: str = "fp32", threads: int | None = None,
-                 weights: str = "fp32", properties: dict | None = None):
+                 properties: dict | None = None):
         import openvino as ov
 
         model_path = Path(model_path)
@@ -63,7 +74,8 @@ class OpenVINOBackend:
         precision = inference_precision(precision, cpu_has_bf16(core))
         self.threads = threads or available_cpus()
         try:
-            self.compiled = core.compile_model(str(model_path), "CPU", {
+            model = core.read_model(str(model_path))
+            self.compiled = core.compile_model(model, "CPU", {
                 "INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[precision],
                 "INFERENCE_NUM_THREADS": self.threads,
                 # One stream running each request on all threads: one call's latency, as the other backends.
@@ -75,7 +87,8 @@ class OpenVINOBackend:
         # What the plugin really compiled with, which is what the repr reports.
         compiled_hint = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.precision = {hint: name for name, hint in INFERENCE_PRECISIONS.items()}[compiled_hint]
-        self.weights = weights
+        # Read from the graph, never from a label: what the checks' limits and the repr say it runs.
+        self.weights = ir_weights(model)
         self._check_io(model_path)
         self.vector_size = self.compiled.output("cls").get_partial_shape()[-1].get_length()
         self._local = threading.local()
@@ -105,8 +118,11 @@ class OpenVINOBackend:
         import openvino as ov
 
         precision = inference_precision(dtype, cpu_has_bf16(ov.Core()), exported=manifest.precision)
-        return cls(folder / OPENVINO_XML_FILE, precision=precision, threads=threads,
-                   weights=manifest.graph["weights"], **options)
+        backend = cls(folder / OPENVINO_XML_FILE, precision=precision, threads=threads, **options)
+        if backend.weights != manifest.graph.get("weights"):
+            raise ModelFileError(f"{folder}: the manifest says {manifest.graph.get('weights')!r} weights but the IR "
+                                 f"holds {backend.weights} weights; export again")
+        return backend
 
     def __repr__(self) -> str:
         return f"OpenVINOBackend(precision={self.precision!r}, weights={self.weights!r}, threads={self.threads})"
