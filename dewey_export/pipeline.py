@@ -28,19 +28,32 @@ import shutil
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from runtimes.config import CONFIG_FILE, DeweyConfig
 from runtimes.errors import BadInputError, ExportError, ModelFileError
-from runtimes.export_format import MANIFEST_FILE, ExportManifest, file_table, is_export_folder
+from runtimes.export_format import (
+    MANIFEST_FILE,
+    ONNX_FILE,
+    OPENVINO_BIN_FILE,
+    OPENVINO_XML_FILE,
+    ExportManifest,
+    file_table,
+    is_export_folder,
+)
 from runtimes.files import clean_leftovers, staged_folder
 from runtimes.tokenization import TOKENIZER_FILE
+from runtimes.trt_plan import ENGINE_FILE, METADATA_FILE
 
 from .gate import load_gate_data, skipped_gate, verify_candidate
 from .verify import check_checkpoint, skipped_report, source_hashes
 
 # The checkpoint's files every export folder carries beside its graph.
 COPIED_FILES = (CONFIG_FILE, TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
+# What an export writes into its folder; TEMPORARY_PREFIXES: tempfile's folders made inside it.
+EXPORT_NAMES = frozenset({*COPIED_FILES, ONNX_FILE, f"{ONNX_FILE}.data", OPENVINO_XML_FILE, OPENVINO_BIN_FILE,
+                          ENGINE_FILE, METADATA_FILE, MANIFEST_FILE})
+TEMPORARY_PREFIXES = ("tmp",)
 # Packages whose versions the manifest records.
 RECORDED_TOOLS = ("dewey", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
                   "openvino", "nncf")
@@ -123,11 +136,26 @@ def check_output_folder(checkpoint, out, overwrite: bool) -> None:
         raise ExportError(f"cannot write --out {out}: {existing} is not writable")
 
 
-def prepare_output(checkpoint: Path, out: Path, overwrite: bool, log) -> None:
-    """Remove what a killed export left beside ``out``, then ``check_output_folder``."""
+def written_by_us(names) -> Callable[[Path], bool]:
+    """A predicate for ``clean_leftovers``: whether a leftover beside the output is a folder (not a link)
+    holding nothing but ``names`` (what dewey-export writes there), their atomic temporary files and
+    temporary folders. A user's file or folder that merely matches the leftover pattern is never
+    removed, nor moved into the output."""
+    def owned(path: Path) -> bool:
+        if path.is_symlink() or not path.is_dir():
+            return False
+        return all(child.name in names or child.name.startswith(TEMPORARY_PREFIXES)
+                   or any(child.name.startswith(f".{name}.") for name in names) for child in path.iterdir())
+
+    return owned
+
+
+def prepare_output(checkpoint: Path, out: Path, overwrite: bool, log, names=EXPORT_NAMES) -> None:
+    """Remove what a killed export left beside ``out`` (only what ``written_by_us(names)`` accepts),
+    then ``check_output_folder``."""
     # Before the check: a folder a crash left moved aside is put back, and is then again a previous
     # export that only overwrite replaces.
-    clean_leftovers(out.parent, out.name, log=log)
+    clean_leftovers(out.parent, out.name, log=log, owned=written_by_us(names))
     check_output_folder(checkpoint, out, overwrite)
 
 

@@ -39,7 +39,7 @@ from runtimes.files import clean_leftovers, staged_folder
 from runtimes.trt_plan import ENGINE_FILE, EngineMetadata
 from runtimes.validation import require_int
 
-from .pipeline import COPIED_FILES, check_output_folder
+from .pipeline import COPIED_FILES, check_output_folder, written_by_us
 
 GRAPH_MODEL = "dewey_graph"
 TEXT_MODEL = "dewey_text"
@@ -68,6 +68,8 @@ _TRITON_TYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32"}
 # Triton's max_batch_size and dims are int32 (model_config.proto); a larger token budget would write a
 # config the server refuses.
 INT32_MAX = 2**31 - 1
+# What a repository holds at its top: what a leftover of an interrupted write may hold to be removed.
+REPOSITORY_NAMES = frozenset({GRAPH_MODEL, TEXT_MODEL, "README.md", REPOSITORY_MANIFEST})
 # The text model's outputs: name -> (Triton type, dims after the batch axis; "vector_size" is D).
 TEXT_OUTPUTS = {
     "vectors": ("TYPE_FP32", ["vector_size"]),
@@ -109,7 +111,7 @@ def write_triton_repository(source, out, engine: str = "onnx", instances: int = 
         raise VerificationFailed(f"{source} failed its {', '.join(manifest.failed)} check(s) (see {MANIFEST_FILE}); "
                                  "only a passed export is packaged")
     layout = repository_layout(source, manifest, engine, instances, max_batch_tokens)
-    clean_leftovers(out.parent, out.name, log=log)
+    clean_leftovers(out.parent, out.name, log=log, owned=written_by_us(REPOSITORY_NAMES))
     check_repository_output(source, out, overwrite)
     with staged_folder(out) as staging:
         lay_out_repository(source, staging, layout)

@@ -23,7 +23,8 @@ pytest.importorskip("onnxruntime", reason="the onnx extra (onnxruntime) is not i
 from click.testing import CliRunner  # noqa: E402
 
 import runtimes  # noqa: E402
-from dewey_export import onnx_export, trt_build  # noqa: E402
+from dewey_export import onnx_export as onnx_module  # noqa: E402
+from dewey_export import trt_build  # noqa: E402
 from dewey_export.cli import main  # noqa: E402
 from dewey_export.onnx_export import OnnxTarget  # noqa: E402
 from dewey_export.pipeline import export  # noqa: E402
@@ -123,7 +124,7 @@ def test_degraded_openvino_int8_export_is_refused_by_the_gate(checkpoint, tmp_pa
     pytest.importorskip("nncf")
     import torch
 
-    graph_model = onnx_export.graph_model
+    graph_model = onnx_module.graph_model
 
     def four_bit(model, options):
         model = graph_model(model, options)
@@ -134,7 +135,7 @@ def test_degraded_openvino_int8_export_is_refused_by_the_gate(checkpoint, tmp_pa
                     weight.copy_(torch.round(weight / scale).clamp(-8, 7) * scale)
         return model
 
-    monkeypatch.setattr(onnx_export, "graph_model", four_bit)
+    monkeypatch.setattr(onnx_module, "graph_model", four_bit)
     out = tmp_path / "int8"
     result = CliRunner().invoke(main, ["openvino", "--model", str(checkpoint), "--out", str(out),
                                        "--precision", "int8"])
@@ -317,7 +318,7 @@ def test_triton_configs_come_from_the_contract_with_int32_bounds(onnx_export, tm
 def test_graph_forms_are_the_forms_the_manifest_accepts():
     from runtimes.export_format import GRAPH_FORM_NAMES
 
-    assert tuple(onnx_export.GRAPH_FORMS) == GRAPH_FORM_NAMES
+    assert tuple(onnx_module.GRAPH_FORMS) == GRAPH_FORM_NAMES
 
 
 def test_openvino_weights_come_from_the_ir_not_the_label(checkpoint, tmp_path):
@@ -333,3 +334,22 @@ def test_openvino_weights_come_from_the_ir_not_the_label(checkpoint, tmp_path):
     result = CliRunner().invoke(main, ["verify", str(folder)])
     assert result.exit_code == EXIT_BAD_INPUT, result.output
     assert "holds fp32 weights" in result.output
+
+
+def test_cleanup_beside_out_touches_only_what_dewey_export_wrote(onnx_export, checkpoint, tmp_path, monkeypatch):
+    """A user's folders merely named like leftovers of a dead writer: neither removed nor moved into OUT
+    (before, dewey-export deleted the .tmp one and renamed the .old one into OUT before its output check)."""
+    monkeypatch.setattr(onnx_module, "_trace", lambda model, onnx_path, *a, **k:
+                        shutil.copyfile(onnx_export / ONNX_FILE, onnx_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    pid = int(dead.stdout)
+    users = {kind: tmp_path / f".out.{pid}.0123abcd.{kind}" for kind in ("tmp", "old")}
+    for folder in users.values():
+        folder.mkdir()
+        (folder / "data.csv").write_text("the user's\n")
+    ours = tmp_path / f".out.{pid}.4567cdef.tmp"  # what a killed export left: its own files only
+    shutil.copytree(onnx_export, ours)
+    export(checkpoint, tmp_path / "out", OnnxTarget(), verify=False, log=lambda m: None)
+    assert all((folder / "data.csv").read_text() == "the user's\n" for folder in users.values())
+    assert not ours.exists() and not (tmp_path / "out" / "data.csv").exists()
