@@ -353,3 +353,17 @@ def test_cleanup_beside_out_touches_only_what_dewey_export_wrote(onnx_export, ch
     export(checkpoint, tmp_path / "out", OnnxTarget(), verify=False, log=lambda m: None)
     assert all((folder / "data.csv").read_text() == "the user's\n" for folder in users.values())
     assert not ours.exists() and not (tmp_path / "out" / "data.csv").exists()
+
+
+def test_trt_option_defaults_are_the_targets_own():
+    """Before, the CLI built fp32 engines while EngineBuildSettings defaulted to fp16, and --buckets'
+    default was a copy of trt_plan.DEFAULT_BUCKETS."""
+    from dewey_export.cli import trt_command
+    from runtimes.trt_plan import DEFAULT_BUCKETS, parse_buckets
+
+    defaults = {param.name: param.default for param in trt_command.params}
+    target = trt_build.TensorRTTarget()
+    assert defaults["precision"] == target.precision and defaults["workspace_gib"] == target.workspace_gib
+    assert tuple(parse_buckets(defaults["buckets"])) == target.buckets == DEFAULT_BUCKETS
+    shared = {"model", "out", "overwrite", "verify", "gate_data"}
+    assert shared <= defaults.keys() and not {"device", "opset", "attention", "engine"} & defaults.keys()
