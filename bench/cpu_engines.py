@@ -199,7 +199,8 @@ def prepare(spec: dict) -> None:
         if engine == "onnx-fp32":
             export(checkpoint, workdir / engine, OnnxTarget(), verify=False, log=quiet)
         elif engine.startswith("openvino"):
-            export(checkpoint, workdir / engine, OpenVINOTarget(precision=engine.split("-")[1]), verify=False, log=quiet)
+            export(checkpoint, workdir / engine, OpenVINOTarget(precision=engine.split("-")[1]), verify=False,
+                   log=quiet)
         elif engine == "plain-ov-bf16":
             import openvino as ov
             import torch

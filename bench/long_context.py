@@ -135,7 +135,8 @@ def prepare(shape: str, workdir: Path) -> None:
         make_test_checkpoint(folders["torch"], max_position_embeddings=131072, local_attention=128, **SHAPES[shape])
     for engine, attention in (("onnx", "linear"), ("dense", "dense")):
         if not (folders[engine] / "dewey_export.json").is_file():
-            export(folders["torch"], folders[engine], OnnxTarget(form="cpu", attention=attention), verify=False, overwrite=True, log=lambda message: None)
+            export(folders["torch"], folders[engine], OnnxTarget(form="cpu", attention=attention), verify=False,
+                   overwrite=True, log=lambda message: None)
 
 
 def main() -> None:

@@ -140,7 +140,8 @@ def main() -> None:
                 for opset in args.opsets:
                     folder = Path(tmp) / f"{shape}-{attention}-onnx{opset}"
                     started = time.perf_counter()
-                    export(checkpoint, folder, OnnxTarget(opset=opset, attention=attention), verify=False, log=lambda message: None)
+                    export(checkpoint, folder, OnnxTarget(opset=opset, attention=attention), verify=False,
+                           log=lambda message: None)
                     export_s = time.perf_counter() - started
                     onnx_encoder = runtimes.load(folder, backend="onnx", threads=args.threads)
                     seconds = time_encode(onnx_encoder, texts, args.batch, args.repeats, args.warmup)

@@ -144,7 +144,8 @@ def run_gate(reference, candidate, model_folder: str | Path, config, data: GateD
     finite = all(np.isfinite(v).all() for v in cand.values())
     if finite:
         ref_scores, cand_scores = _document_scores(ref, counts), _document_scores(cand, counts)
-        ndcg_ref, ndcg_cand = ndcg_at_k(ref_scores, data.gold, GATE_NDCG_K), ndcg_at_k(cand_scores, data.gold, GATE_NDCG_K)
+        ndcg_ref = ndcg_at_k(ref_scores, data.gold, GATE_NDCG_K)
+        ndcg_cand = ndcg_at_k(cand_scores, data.gold, GATE_NDCG_K)
         report["top1_agreement"] = float((ref_scores.argmax(1) == cand_scores.argmax(1)).mean())
         report[f"ndcg@{GATE_NDCG_K}"] = {"reference": ndcg_ref, "export": ndcg_cand, "drop": ndcg_ref - ndcg_cand}
     failed = [] if finite else ["finite"]

@@ -169,7 +169,8 @@ def _case_passes(case: dict, thresholds: dict) -> bool:
 def describe_failure(report: dict) -> str:
     limits = report["thresholds"]
     lines = [
-        f"{c['name']}: {c['error']}" if "error" in c else f"{c['name']}: max abs diff {c['max_abs_diff']:.3g} (limit {limits['max_abs_diff']}), "
+        f"{c['name']}: {c['error']}" if "error" in c else
+        f"{c['name']}: max abs diff {c['max_abs_diff']:.3g} (limit {limits['max_abs_diff']}), "
         f"min cosine {c['min_cosine']:.7f} (limit {limits['min_cosine']}), finite={c['finite']}"
         for c in report["cases"] if not _case_passes(c, limits)
     ]
