@@ -183,8 +183,9 @@ def prepare(spec: dict) -> None:
     """Checkpoint and exports of one model, in a child process (the measuring parent stays small)."""
     import numpy as np
 
-    from dewey_export.onnx_export import export_onnx
-    from dewey_export.openvino_export import export_openvino
+    from dewey_export.onnx_export import OnnxTarget
+    from dewey_export.openvino_export import OpenVINOTarget
+    from dewey_export.pipeline import export
     from runtimes.testing import make_test_checkpoint
 
     workdir = Path(spec["workdir"])
@@ -196,9 +197,10 @@ def prepare(spec: dict) -> None:
                              **long_context.SHAPES[spec["shape"]])
     for engine in spec["engines"]:
         if engine == "onnx-fp32":
-            export_onnx(checkpoint, workdir / engine, verify=False, log=quiet)
+            export(checkpoint, workdir / engine, OnnxTarget(), verify=False, log=quiet)
         elif engine.startswith("openvino"):
-            export_openvino(checkpoint, workdir / engine, precision=engine.split("-")[1], verify=False, log=quiet)
+            export(checkpoint, workdir / engine, OpenVINOTarget(precision=engine.split("-")[1]), verify=False,
+                   log=quiet)
         elif engine == "plain-ov-bf16":
             import openvino as ov
             import torch

@@ -126,7 +126,8 @@ def prepare(shape: str, workdir: Path) -> None:
 
     Runs in a child process of its own: Linux carries a parent's peak RSS at fork into the child's
     ru_maxrss, so the measuring parent must stay small (no torch, no model in it)."""
-    from dewey_export.onnx_export import export_onnx
+    from dewey_export.onnx_export import OnnxTarget
+    from dewey_export.pipeline import export
     from runtimes.testing import make_test_checkpoint
 
     folders = folders_of(shape, workdir)
@@ -134,8 +135,8 @@ def prepare(shape: str, workdir: Path) -> None:
         make_test_checkpoint(folders["torch"], max_position_embeddings=131072, local_attention=128, **SHAPES[shape])
     for engine, attention in (("onnx", "linear"), ("dense", "dense")):
         if not (folders[engine] / "dewey_export.json").is_file():
-            export_onnx(folders["torch"], folders[engine], target="cpu", attention=attention, verify=False,
-                        overwrite=True, log=lambda message: None)
+            export(folders["torch"], folders[engine], OnnxTarget(form="cpu", attention=attention), verify=False,
+                   overwrite=True, log=lambda message: None)
 
 
 def main() -> None:

@@ -114,7 +114,8 @@ def main() -> None:
     import torch
 
     import runtimes
-    from dewey_export.onnx_export import export_onnx
+    from dewey_export.onnx_export import OnnxTarget
+    from dewey_export.pipeline import export
     from runtimes.backends.torch_backend import TorchBackend
     from runtimes.modeling import DeweyModel
     from runtimes.testing import make_test_checkpoint
@@ -139,10 +140,10 @@ def main() -> None:
                 for opset in args.opsets:
                     folder = Path(tmp) / f"{shape}-{attention}-onnx{opset}"
                     started = time.perf_counter()
-                    export_onnx(checkpoint, folder, opset=opset, attention=attention, verify=False,
-                                log=lambda message: None)
+                    export(checkpoint, folder, OnnxTarget(opset=opset, attention=attention), verify=False,
+                           log=lambda message: None)
                     export_s = time.perf_counter() - started
-                    onnx_encoder = runtimes.load(folder, backend="onnx", intra_op_num_threads=args.threads)
+                    onnx_encoder = runtimes.load(folder, backend="onnx", threads=args.threads)
                     seconds = time_encode(onnx_encoder, texts, args.batch, args.repeats, args.warmup)
                     name = f"onnxruntime fp32 opset {opset}, {attention} attention"
                     rows.append(dict(shape=shape, backend=name, export_s=export_s, seconds=seconds))

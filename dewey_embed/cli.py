@@ -14,9 +14,10 @@ from pathlib import Path
 
 import click
 
-from runtimes.backends import available_backends
+from runtimes.backends import available_backends, backend_for_folder
 from runtimes.batching import DEFAULT_MAX_BATCH_TOKENS
 from runtimes.config import SINGLE_VECTOR_TYPES, ModelFileError
+from runtimes.errors import cli_errors
 
 EXIT_BAD_INPUT = 2
 EXIT_SOME_FAILED = 3
@@ -36,6 +37,7 @@ def _log(message: str) -> None:
     click.echo(message, err=True)
 
 
+@cli_errors
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path),
@@ -43,7 +45,8 @@ def _log(message: str) -> None:
                    "Re-running the same command resumes it.")
 @click.option("--model", type=click.Path(path_type=Path),
               help="Checkpoint folder (torch) or dewey-export folder (onnx, trt); default: the packaged dewey-mini.")
-@click.option("--backend", type=click.Choice(available_backends()), default="torch", show_default=True)
+@click.option("--backend", type=click.Choice(available_backends()),
+              help="Default: the one --model is for (an export folder's manifest says; a checkpoint: torch).")
 @click.option("--device", help="torch: cpu or cuda[:N]; onnx: cpu, cuda[:N] or tensorrt[:N]; trt: cuda[:N].")
 @click.option("--mode", type=click.Choice(SINGLE_VECTOR_TYPES),
               help="Document vector: cls, mean or cls_add_mean; default: the model's single_vector_type.")
@@ -67,7 +70,8 @@ def _log(message: str) -> None:
 @click.option("--max-length", type=click.IntRange(min=1),
               help="Tokens per document row, prompt and special tokens included; longer documents are cut "
                    "(truncated_tokens). Default: the model's maximum.")
-@click.option("--batch-tokens", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH_TOKENS, show_default=True,
+@click.option("--max-batch-tokens", "--batch-tokens", "batch_tokens", type=click.IntRange(min=1),
+              default=DEFAULT_MAX_BATCH_TOKENS, show_default=True,
               help="Padded tokens per forward batch.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=DEFAULT_SHARD_SIZE, show_default=True,
               help="Documents embedded together, sorted by length, and written as one shard.")
@@ -117,6 +121,8 @@ def main(inputs, out, model, backend, device, mode, chunks, chunk_size, chunk_ov
         except ModelFileError as exc:
             raise BadInput(str(exc)) from None
     fields = Fields(text=text_field, id=id_field)
+    if backend is None and model.is_dir():
+        backend = backend_for_folder(model)
     try:
         options, settings = _settings(model, backend, EmbedOptions(
             mode=mode, prompt=prompt or None, chunks=chunks, chunk_size=chunk_size, chunk_overlap=chunk_overlap,
@@ -190,8 +196,8 @@ def _settings(model: Path, backend: str, options, fields) -> tuple:
         if backend == "torch":
             raise ModelFileError(f"--model {model} is a dewey-export folder; the torch backend reads a checkpoint")
         export = check_export_files(model)
-        kind, precision = "export", export["precision"]
-        files = {name: entry["sha256"] for name, entry in export["files"].items()}
+        kind, precision = "export", export.precision
+        files = {name: entry["sha256"] for name, entry in export.files.items()}
     else:
         if backend != "torch":
             raise ModelFileError(f"--backend {backend} reads a dewey-export folder, and --model {model} is a "

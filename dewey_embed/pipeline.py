@@ -89,7 +89,7 @@ def thread_options(backend: str, threads: int | None) -> dict:
 
         torch.set_num_threads(threads)
         return {}
-    return {"intra_op_num_threads": threads} if backend == "onnx" else {}
+    return {"threads": threads}
 
 
 class BatchEmbedder:

@@ -1,14 +1,18 @@
-"""dewey_export: PyTorch checkpoint -> ONNX export folder -> TensorRT engine, and the ``dewey-export`` CLI.
+"""dewey_export: PyTorch checkpoint -> a verified export for a target, Triton packaging, and ``dewey-export``.
 
-- ``onnx_export``: traces ``runtimes.modeling.DeweyModel`` (the backend contract) to ONNX for a target
-  (cpu: ONNX Runtime, gpu: TensorRT / ORT CUDA), verifies it against PyTorch and writes the folder
-  atomically with its manifest.
-- ``verify``: the checks of an export against its source, used by every path: the checkpoint's files
-  and hashes, and parity between a candidate backend and the PyTorch reference.
-- ``contrib_ops``: the ONNX Runtime contrib attention op used by cpu-target graphs.
-- ``trt_precision``: the builder's precision plan by TensorRT version (plain data).
-- ``trt_build``: applies it and ``runtimes.trt_plan`` with the TensorRT API to build and verify an engine.
-- ``cli``: ``dewey-export``.
+- ``pipeline``: ``export(source, out, target)``, the one pipeline of every target (checks, staging, the
+  fp32 reference, build, parity and the quality gate on the target's candidate, manifest, publish),
+  and ``verify_folder`` for ``dewey-export verify``.
+- ``onnx_export``, ``openvino_export``, ``trt_build``: the targets (``OnnxTarget``, ``OpenVINOTarget``,
+  ``TensorRTTarget``), each a frozen options dataclass with ``check``, ``build`` and ``candidate``;
+  TensorRT composes the ONNX build with its engine step (``trt_precision``: its precision plan by
+  TensorRT version, plain data).
+- ``verify``: the checkpoint's files and hashes, and parity between a candidate and the reference;
+  ``gate``: the quality gate of reduced precisions on real text.
+- ``contrib_ops``: the ONNX Runtime contrib attention op used by cpu-form graphs.
+- ``triton``: packages a finished, passed export as a Triton repository (``triton_model``: its Python model).
+- ``cli``: ``dewey-export onnx|openvino|trt|triton|verify``.
 
-It imports ``runtimes`` for the model definition and the forward contract; ``runtimes`` never imports it.
+It imports ``runtimes`` (the model definition, the forward contract, the manifest, the errors, the gate's
+corpus and metrics); ``runtimes`` never imports it, and it never imports ``dewey_train``.
 """

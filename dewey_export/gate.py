@@ -14,17 +14,15 @@ only if
   the queries;
 - nDCG@10 of retrieving each query's own document falls by at most ``GATE_MAX_NDCG_DROP``.
 
-One pass over the documents per backend keeps the gate short: dewey-mini on the default data (25
-documents, 19.5k tokens, 200 queries) took 3-17 s for both models, with the 2-core development machine
-more or less loaded by other work, plus 3.6 s to read the corpus (a version that embedded every
-document a second time, whole, took 54-59 s).
+One pass over the documents per backend keeps the gate short (a few seconds for dewey-mini; the
+figures are in docs/benchmarks.md).
 
-Default data: the held-out documents of dewey_train's built-in corpus (the Python documentation and
-standard-library docstrings, offline on every machine; the same stable split as training uses, so a
-model trained on the built-in corpus never saw them), each queried by one of its own sentences, as in
-the long-document retrieval evaluation. ``--gate-data FILE`` replaces them with the user's own: a JSONL
-file of ``{"text": ...}`` records (dewey_train's data format) or a text file of documents separated by
-blank lines.
+Default data: the held-out documents of the built-in corpus (runtimes.corpus: the Python documentation
+and standard-library docstrings, offline on every machine; the same stable split as training uses, so
+a model trained on the built-in corpus never saw them), each queried by one of its own sentences
+(runtimes.evaluation), as in the long-document retrieval evaluation. ``--gate-data PATH`` replaces them
+with the user's own, read by the one reader of runtimes.corpus: a JSONL file of ``{"text": ...}``
+records, or text files (one document each) in a folder.
 """
 
 from __future__ import annotations
@@ -38,11 +36,14 @@ from pathlib import Path
 import numpy as np
 
 from runtimes import Encoder, TruncationWarning
+from runtimes.corpus import DEFAULT_HELDOUT_FRACTION, STDLIB, iter_documents, split_documents
+from runtimes.errors import BadInputError
+from runtimes.evaluation import ndcg_at_k, sample_sentence_queries
 from runtimes.tokenization import DeweyTokenizer
 
 from .verify import REDUCED_MIN_COSINE, compare_backends
 
-# Thresholds (issue 14): a reduced-precision export must embed real text as fp32 does, to the cosine
+# Thresholds: a reduced-precision export must embed real text as fp32 does, to the cosine
 # of the parity check's reduced precision, and retrieve as fp32 does.
 GATE_MIN_COSINE = REDUCED_MIN_COSINE
 GATE_MIN_TOP1_AGREEMENT = 0.98
@@ -54,7 +55,6 @@ GATE_QUERIES = 200
 GATE_SEED = 0
 # Why the gate did not run on an fp32 export.
 NOT_REDUCED = "fp32 export: the parity check's fp32 limits already hold it to PyTorch"
-JSONL_SUFFIX = ".jsonl"
 
 
 @dataclass
@@ -73,30 +73,22 @@ class GateData:
 
 
 def load_gate_data(path: str | Path | None = None) -> GateData:
-    """The gate's texts: the built-in held-out documents, or the documents of ``path`` (JSONL or text);
-    queries are sentences of them. Too little text is a ValueError naming the file."""
-    from dewey_train.config import TrainConfig
-    from dewey_train.data import STDLIB, iter_source, split_documents
-    from dewey_train.evaluation.retrieval import sample_sentence_queries
-
+    """The gate's texts: the built-in held-out documents, or the documents of ``path`` (a JSONL file, a
+    text file or a folder of them: runtimes.corpus's one rule, a text file is one document); queries are
+    sentences of them. Too little text is a BadInputError naming the path."""
     if path is None:
         # Training's own default split, so a model trained on the built-in corpus never saw these.
-        fraction = TrainConfig.heldout_fraction
-        source = f"built-in corpus, held-out documents ({fraction:.0%} split)"
-        _, documents = split_documents([STDLIB], fraction)
+        source = f"built-in corpus, held-out documents ({DEFAULT_HELDOUT_FRACTION:.0%} split)"
+        _, documents = split_documents([STDLIB], DEFAULT_HELDOUT_FRACTION)
     else:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ValueError(f"--gate-data {path} is not a file")
-        if path.suffix.lower() == JSONL_SUFFIX:
-            documents = list(iter_source(path))
-        else:
-            documents = [part.strip() for part in path.read_text(encoding="utf-8").split("\n\n")]
-        documents = [d for d in documents if d.strip()]
+        if not path.exists():
+            raise BadInputError(f"--gate-data {path} does not exist")
+        documents = list(iter_documents([path]))
         if len(documents) < 2:
-            raise ValueError(f"--gate-data {path} holds {len(documents)} document(s); the gate retrieves among "
-                             "at least 2 (JSONL records, or text separated by blank lines)")
+            raise BadInputError(f"--gate-data {path} holds {len(documents)} document(s); the gate retrieves among "
+                                "at least 2 (JSONL records, or text files in a folder: one document each)")
     pairs = sample_sentence_queries(documents, GATE_QUERIES, seed=GATE_SEED)
     return GateData(source, documents, [q for q, _ in pairs], np.array([i for _, i in pairs], dtype=np.int64))
 
@@ -136,12 +128,6 @@ def _document_scores(vectors: dict[str, np.ndarray], counts: list[int]) -> np.nd
     return np.maximum.reduceat(vectors["queries"] @ vectors["chunks"].T, starts, axis=1)
 
 
-def _ndcg(scores: np.ndarray, gold: np.ndarray) -> float:
-    from dewey_train.evaluation.metrics import ndcg_at_k
-
-    return ndcg_at_k(scores, gold, GATE_NDCG_K)
-
-
 def run_gate(reference, candidate, model_folder: str | Path, config, data: GateData, log=None) -> dict:
     """Embed ``data`` with both backends (``reference``: PyTorch fp32) through the Encoder of
     ``model_folder``'s tokenizer; the report's ``failed`` names each figure outside its limit."""
@@ -158,7 +144,8 @@ def run_gate(reference, candidate, model_folder: str | Path, config, data: GateD
     finite = all(np.isfinite(v).all() for v in cand.values())
     if finite:
         ref_scores, cand_scores = _document_scores(ref, counts), _document_scores(cand, counts)
-        ndcg_ref, ndcg_cand = _ndcg(ref_scores, data.gold), _ndcg(cand_scores, data.gold)
+        ndcg_ref = ndcg_at_k(ref_scores, data.gold, GATE_NDCG_K)
+        ndcg_cand = ndcg_at_k(cand_scores, data.gold, GATE_NDCG_K)
         report["top1_agreement"] = float((ref_scores.argmax(1) == cand_scores.argmax(1)).mean())
         report[f"ndcg@{GATE_NDCG_K}"] = {"reference": ndcg_ref, "export": ndcg_cand, "drop": ndcg_ref - ndcg_cand}
     failed = [] if finite else ["finite"]
@@ -207,12 +194,12 @@ def describe_gate_failure(report: dict) -> str:
 
 
 def verify_candidate(reference, candidate, model_folder: Path, config, precision: str, reduced: bool,
-                     gate_data: str | Path | None, log) -> tuple[dict, dict]:
+                     gate_data: GateData | None, log) -> tuple[dict, dict]:
     """Parity of ``candidate`` with the fp32 ``reference`` at ``precision``'s limits, and, for a
-    ``reduced``-precision candidate, the quality gate: the (parity, gate) reports of every exporter and
-    of ``dewey-export verify``."""
+    ``reduced``-precision candidate, the quality gate on ``gate_data`` (None: the built-in texts, read
+    only when the gate runs): the (parity, gate) reports of every target and of ``dewey-export verify``."""
     log("Verifying against the PyTorch backend (fp32)")
     parity = compare_backends(reference, candidate, config, precision, log)
-    gate = run_gate(reference, candidate, model_folder, config, load_gate_data(gate_data), log) if reduced \
+    gate = run_gate(reference, candidate, model_folder, config, gate_data or load_gate_data(), log) if reduced \
         else skipped_gate(NOT_REDUCED)
     return parity, gate

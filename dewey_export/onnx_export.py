@@ -1,55 +1,41 @@
-"""Checkpoint folder -> ONNX export folder, verified against PyTorch before it is published.
+"""The ``onnx`` target: a checkpoint traced to an ONNX graph for ONNX Runtime (cpu) or TensorRT / ORT CUDA
+(gpu), run by ONNX Runtime for its checks.
 
 The graph is ``DeweyModel.forward`` traced by ``torch.onnx.export(dynamo=True)``: the backend contract
-as graph I/O, dynamic ``batch``, ``sequence`` and ``chunks`` axes, span pooling (float64 prefix sums)
-before the head. A reduced-precision (fp16) graph must also pass the quality gate on real text
-(dewey_export.gate). Everything is written into a staging folder beside the target and renamed into place
-at the end (runtimes.files), so an interrupted export never leaves a half-written folder, and the next
-export into the same place removes what a killed one left. Only a previous export is ever replaced, and
-only with ``overwrite`` (``check_output_folder``).
+as graph I/O, dynamic ``batch``, ``sequence`` and ``chunks`` axes, span pooling before the head. The
+pipeline (dewey_export.pipeline) stages, verifies and publishes the folder; the OpenVINO and TensorRT
+targets reuse ``trace_graph`` for their own graph forms.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import time
-from dataclasses import dataclass
-from importlib import metadata
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from runtimes.config import CONFIG_FILE, DeweyConfig
-from runtimes.export_format import (
-    INPUTS,
-    MANIFEST_FILE,
-    MANIFEST_FORMAT,
-    ONNX_FILE,
-    OUTPUTS,
-    file_table,
-    is_export_folder,
-    write_manifest,
-)
-from runtimes.files import clean_leftovers, staged_folder
+from runtimes.errors import ExportError
+from runtimes.export_format import INPUTS, ONNX_FILE, OUTPUTS, ExportManifest, graph_description
 from runtimes.precision import precision_name
-from runtimes.tokenization import TOKENIZER_FILE
 
-from .verify import check_checkpoint, skipped_report, source_hashes
+from .pipeline import Built, CannotVerifyHere
 
 SUPPORTED_OPSETS = (18, 23)
-# Where the graph will run decides the form of global attention (runtimes.attention):
+# The graph forms, by where the graph will run. The form decides global attention (runtimes.attention):
 # cpu: ONNX Runtime's contrib MultiHeadAttention (its CPU flash kernel is linear in memory);
 # gpu: the standard ONNX Attention op of opset 23, which TensorRT 10.15.1+ imports (with
 # RotaryEmbedding); no contrib ops.
-# openvino: the gpu form, the source of dewey_export.openvino_export (which explains the choice).
+# openvino: the gpu form with a key-padding bias, the source of dewey_export.openvino_export (which
+# explains the choice).
 # And how span pooling accumulates (runtimes.modeling.POOLING_ACCUMULATIONS): float64 where the runtime
 # has it; centered float32 for TensorRT, which has no float64, and OpenVINO's CPU plugin, which runs
 # float64 nodes in float32.
-TARGETS = {
+GRAPH_FORMS = {
     "cpu": {"opset": 18, "global_kernel": "ort_contrib", "pooling": "float64"},
     "gpu": {"opset": 23, "global_kernel": "sdpa", "pooling": "centered_float32"},
     "openvino": {"opset": 23, "global_kernel": "sdpa_key_bias", "pooling": "centered_float32"},
 }
+ATTENTION_MODES = ("linear", "dense")
 ATTENTION_FORMS = {
     ("linear", "ort_contrib"): "com.microsoft.MultiHeadAttention, no mask (key padding folded into the keys)",
     ("linear", "sdpa"): "ONNX Attention (opset 23) or MatMul/Softmax (opset 18), no mask",
@@ -58,148 +44,65 @@ ATTENTION_FORMS = {
 }
 # Protobuf cannot hold a file over 2 GiB; above this many weight bytes the weights go to model.onnx.data.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
-COPIED_FILES = (CONFIG_FILE, TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
-
-
-class ExportError(RuntimeError):
-    """The export could not be made (bad input, or a step failed); nothing was written."""
-
-
-@dataclass
-class ExportResult:
-    folder: Path
-    manifest: dict
-    # The manifest's parity report that decides ``passed``: the graph's, or an engine folder's engine's.
-    parity_key: str = "parity"
-
-    @property
-    def parity(self) -> dict:
-        return self.manifest[self.parity_key]
-
-    @property
-    def passed(self) -> bool:
-        """Parity held, and the quality gate too where it ran (reduced-precision exports)."""
-        return self.parity.get("passed") is not False and self.manifest.get("gate", {}).get("passed") is not False
-
-
-def tool_versions() -> dict:
-    versions = {}
-    for name in ("dewey", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
-                 "openvino", "nncf"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
+# Why a bf16 graph is not checked on a CPU.
+NO_CPU_BF16 = ("ONNX Runtime's CPU provider has no bfloat16 kernels; check this graph on a GPU with "
+               "dewey-export verify DIR --device cuda")
 
 
 @dataclass(frozen=True)
-class GraphOptions:
-    """What the graph is made for, checked by ``graph_options``."""
+class OnnxTarget:
+    """form: where the graph will run, ``cpu`` (ONNX Runtime) or ``gpu`` (TensorRT, ORT CUDA; needs opset
+    23); opset: 18 or 23 (None: the form's); attention: ``linear`` (memory linear in length) or ``dense``
+    (transformers' graph with S x S masks, for comparison only); precision: fp32, or fp16/bf16 with
+    LayerNorm, softmax, rotary tables and pooling kept float32 inside the graph (what strongly typed
+    TensorRT builds from)."""
 
-    target: str
-    opset: int
-    attention: str
-    global_kernel: str
-    precision: str  # runtimes.precision's name: fp32, fp16 or bf16
+    form: str = "cpu"
+    opset: int | None = None
+    attention: str = "linear"
+    precision: str = "fp32"
 
+    name = "onnx"
+    reports = ("parity", "gate")
 
-def graph_options(target: str = "cpu", opset: int | None = None, attention: str = "linear",
-                  precision: str = "fp32") -> GraphOptions:
-    """Check the export options (ExportError names the bad one) and fill in the target's defaults."""
-    if target not in TARGETS:
-        raise ExportError(f"target {target!r} is not one of {sorted(TARGETS)}")
-    opset = TARGETS[target]["opset"] if opset is None else opset
-    if opset not in SUPPORTED_OPSETS:
-        raise ExportError(f"opset {opset} is not supported; choose one of {SUPPORTED_OPSETS}")
-    if target == "gpu" and opset < 23:
-        raise ExportError("target gpu needs opset 23: its global layers use the ONNX Attention op")
-    if attention not in ("linear", "dense"):
-        raise ExportError(f"attention must be 'linear' or 'dense', got {attention!r}")
-    try:
-        precision = precision_name(precision)
-    except ValueError as exc:
-        raise ExportError(str(exc)) from None
-    global_kernel = TARGETS[target]["global_kernel"] if attention == "linear" else "sdpa"
-    return GraphOptions(target, opset, attention, global_kernel, precision)
+    @property
+    def global_kernel(self) -> str:
+        return GRAPH_FORMS[self.form]["global_kernel"] if self.attention == "linear" else "sdpa"
 
+    def check(self, config=None, log=None) -> "OnnxTarget":
+        """The options checked (ExportError names the bad one), the form's opset filled in."""
+        if self.form not in GRAPH_FORMS:
+            raise ExportError(f"the graph form {self.form!r} is not one of {sorted(GRAPH_FORMS)}")
+        opset = GRAPH_FORMS[self.form]["opset"] if self.opset is None else self.opset
+        if opset not in SUPPORTED_OPSETS:
+            raise ExportError(f"opset {opset} is not supported; choose one of {SUPPORTED_OPSETS}")
+        if self.form == "gpu" and opset < 23:
+            raise ExportError("a gpu graph needs opset 23: its global layers use the ONNX Attention op")
+        if self.attention not in ATTENTION_MODES:
+            raise ExportError(f"attention must be 'linear' or 'dense', got {self.attention!r}")
+        try:
+            precision = precision_name(self.precision)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
+        return replace(self, opset=opset, precision=precision)
 
-def check_output_folder(checkpoint, out, overwrite: bool) -> None:
-    """Refuse an output path whose replacement would destroy anything but a previous export.
+    def build(self, reference, checkpoint: Path, folder: Path, log) -> Built:
+        traced, seconds = trace_graph(reference, self, folder / ONNX_FILE, log)
+        return Built("onnx", graph_description(opset=self.opset, file=ONNX_FILE), self.precision, self.form,
+                     attention_description(self, traced.pooling), seconds)
 
-    Refused always: ``out`` is, contains or is inside the checkpoint (resolved paths, so symlinks and
-    ``..`` do not hide it); ``out`` is a file; ``out`` is a non-empty folder without a dewey manifest;
-    a path that cannot be created. A previous export is replaced only with ``overwrite``. Reads only:
-    the CLI runs it before anything else, and every exporter runs it before writing.
-    """
-    checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
-    if out == checkpoint or checkpoint in out.parents or out in checkpoint.parents:
-        relation = "is" if out == checkpoint else "is inside" if checkpoint in out.parents else "contains"
-        raise ExportError(f"--out {out} {relation} the source checkpoint {checkpoint}; choose another folder")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file, not a folder; remove it or choose another path")
-    if out.exists() and any(out.iterdir()):
-        if not is_export_folder(out):
-            raise ExportError(
-                f"--out {out} is a folder with files and no {MANIFEST_FILE}: not a dewey export, so it is "
-                "never replaced (not even with --overwrite); choose a new or empty folder"
-            )
-        if not overwrite:
-            raise ExportError(f"{out} already exists and is not empty; pass overwrite (--overwrite) to replace it")
-    existing = next(folder for folder in out.parents if folder.exists())
-    if not existing.is_dir():
-        raise ExportError(f"cannot write --out {out}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write --out {out}: {existing} is not writable")
+    def candidate(self, folder: Path, manifest: ExportManifest, device=None):
+        """ONNX Runtime on ``device`` (cpu, cuda[:N], tensorrt[:N]) running the folder's graph."""
+        from runtimes.backends.onnx_backend import OnnxBackend, providers_for
+
+        if manifest.precision == "bf16" and (device or "cpu") == "cpu":
+            raise CannotVerifyHere(NO_CPU_BF16)
+        return OnnxBackend(folder / ONNX_FILE, providers=providers_for(device)), manifest.precision
 
 
-def prepare_output(checkpoint: Path, out: Path, overwrite: bool, log) -> None:
-    """Remove what a killed export left beside ``out``, then ``check_output_folder``."""
-    # Before the check: a folder a crash left moved aside is put back, and is then again a previous
-    # export that only overwrite replaces.
-    clean_leftovers(out.parent, out.name, log=log)
-    check_output_folder(checkpoint, out, overwrite)
-
-
-def load_reference(checkpoint: Path, attention: str, log):
-    """The checkpoint's fp32 DeweyModel, loaded once per export: the graph is traced from a copy of it,
-    and parity is checked against it."""
-    from runtimes.modeling import DeweyModel
-
-    log(f"Loading {checkpoint}")
-    return DeweyModel.from_pretrained(checkpoint, attention=attention)
-
-
-def export_onnx(checkpoint, out, target: str = "cpu", opset: int | None = None, attention: str = "linear",
-                precision: str = "fp32", verify: bool = True, overwrite: bool = False, gate_data=None,
-                log=print) -> ExportResult:
-    """Export ``checkpoint`` to the folder ``out``; returns the manifest (its parity and quality gate
-    reports included).
-
-    target: ``cpu`` (ONNX Runtime) or ``gpu`` (TensorRT, ORT CUDA); opset: 18 or 23 (default: the
-    target's, and gpu needs 23); attention: ``linear`` (linear memory, the default) or ``dense`` (the
-    plain transformers graph, quadratic, kept for comparison); precision: ``fp32``, or ``fp16``/``bf16``
-    with LayerNorm, softmax, rotary tables and pooling kept in float32 inside the graph (what strongly
-    typed TensorRT builds from). The gpu target pools with float32 (TensorRT has no float64). An fp16
-    graph also passes the quality gate (dewey_export.gate) on ``gate_data`` (None: the built-in texts).
-    A failed verification still publishes the folder, its numbers in the manifest, so the failure can
-    be inspected; the caller decides what to do with ``result.passed`` (the CLI exits 1).
-    ``out`` is checked by ``check_output_folder`` first; what a killed export left beside it is removed.
-    """
-    checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
-    config = check_checkpoint(checkpoint)
-    options = graph_options(target, opset, attention, precision)
-    prepare_output(checkpoint, out, overwrite, log)
-    with staged_folder(out) as staging:  # made first: an --out that cannot be written fails before the load
-        model = load_reference(checkpoint, options.attention, log)
-        manifest = write_export(checkpoint, config, model, staging, options, verify, log, gate_data)
-    log(f"Wrote {out}")
-    return ExportResult(out, manifest)
-
-
-def graph_model(model, options: GraphOptions):
+def graph_model(model, options: OnnxTarget):
     """The form of the fp32 ``model`` that is traced for ``options``: a copy (``model`` stays the parity
-    reference) with the target's global attention kernel, pooling and precision."""
+    reference) with the form's global attention kernel, pooling and precision."""
     from runtimes.attention import set_global_kernel
     from runtimes.backends.torch_backend import torch_dtype
     from runtimes.modeling import reduce_precision
@@ -207,52 +110,16 @@ def graph_model(model, options: GraphOptions):
     traced = copy.deepcopy(model)
     if options.attention == "linear":
         set_global_kernel(traced.backbone, options.global_kernel)
-    traced.pooling = TARGETS[options.target]["pooling"]
+    traced.pooling = GRAPH_FORMS[options.form]["pooling"]
     return reduce_precision(traced, torch_dtype(options.precision))
 
 
-def write_export(checkpoint: Path, config: DeweyConfig, model, folder: Path, options: GraphOptions, verify: bool,
-                 log, gate_data=None) -> dict:
-    """Fill the empty ``folder`` with the export of ``checkpoint`` and its manifest; returns the manifest.
-
-    ``config`` and ``model`` (fp32, from ``load_reference``) are the checkpoint's, read once by the caller;
-    ``model`` is left as it is. ``folder`` is a staging folder (runtimes.files.staged_folder): only a
-    complete export is published.
-    """
-    from runtimes.backends.onnx_backend import OnnxBackend
-    from runtimes.backends.torch_backend import TorchBackend
-
-    from .gate import skipped_gate, verify_candidate
-
-    onnx_path = folder / ONNX_FILE
-    traced, export_seconds = trace_graph(model, options, onnx_path, log)
-    copy_model_files(checkpoint, folder)
-
-    if verify and options.precision == "bf16":
-        reason = ("ONNX Runtime's CPU provider has no bfloat16 kernels; check this graph on a GPU with "
-                  "dewey-export verify DIR --device cuda")
-        log(f"Not verified: {reason}")
-        parity, gate = skipped_report(options.precision, reason), skipped_gate(reason)
-    elif verify:
-        parity, gate = verify_candidate(TorchBackend(model), OnnxBackend(onnx_path), checkpoint, config,
-                                        options.precision, options.precision != "fp32", gate_data, log)
-    else:
-        parity, gate = skipped_report(options.precision), skipped_gate()
-
-    manifest = build_manifest(checkpoint, folder, {"onnx": onnx_description(options.opset)},
-                              precision=options.precision, target=options.target,
-                              attention=attention_description(options, traced.pooling),
-                              export_seconds=export_seconds, parity=parity, gate=gate)
-    write_manifest(folder, manifest)
-    return manifest
-
-
-def trace_graph(model, options: GraphOptions, onnx_path: Path, log):
+def trace_graph(model, options: OnnxTarget, onnx_path: Path, log):
     """Trace the graph of the fp32 ``model`` for ``options`` to ``onnx_path``; returns the traced model
     (``graph_model``) and the seconds the export took."""
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     traced = graph_model(model, options)
-    log(f"Exporting to ONNX (target {options.target}, opset {options.opset}, {options.attention} attention, "
+    log(f"Exporting to ONNX ({options.form} graph, opset {options.opset}, {options.attention} attention, "
         f"{options.precision}, {weight_bytes / 1e6:.1f} MB of fp32 weights)")
     started = time.perf_counter()
     _trace(traced, onnx_path, options.opset, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES,
@@ -262,14 +129,7 @@ def trace_graph(model, options: GraphOptions, onnx_path: Path, log):
     return traced, export_seconds
 
 
-def copy_model_files(checkpoint: Path, folder: Path) -> None:
-    """The checkpoint's config and tokenizer files, which every export folder carries."""
-    for name in COPIED_FILES:
-        if (checkpoint / name).is_file():
-            shutil.copy2(checkpoint / name, folder / name)
-
-
-def attention_description(options: GraphOptions, pooling: str) -> dict:
+def attention_description(options: OnnxTarget, pooling: str) -> dict:
     """The manifest's ``attention``: the form of each layer kind, and of pooling."""
     return {
         "mode": options.attention,
@@ -311,35 +171,3 @@ def _trace(model, onnx_path: Path, opset: int, external_data: bool, contrib: boo
         verbose=False,
     )
     assert not model.training, "export switched the model to train mode"
-
-
-def onnx_description(opset: int) -> dict:
-    """The manifest's ``onnx``: the graph file, its opset and its I/O."""
-    return {
-        "file": ONNX_FILE,
-        "opset": opset,
-        "inputs": {name: {"type": t, "axes": axes} for name, (t, axes) in INPUTS.items()},
-        "outputs": {name: {"type": t, "axes": axes} for name, (t, axes) in OUTPUTS.items()},
-    }
-
-
-def build_manifest(checkpoint: Path, folder: Path, graph: dict, *, precision: str, target: str, attention: dict,
-                   export_seconds: float, parity: dict, gate: dict) -> dict:
-    """The manifest of the finished ``folder``; ``graph`` is the graph's description under its key
-    (``{"onnx": ...}`` or ``{"openvino": ...}``, runtimes.export_format.graph_files)."""
-    return {
-        "format": MANIFEST_FORMAT,
-        "source": {
-            "path": str(checkpoint),
-            "sha256": source_hashes(checkpoint),
-        },
-        **graph,
-        "files": file_table(folder),
-        "precision": precision,
-        "target": target,
-        "attention": attention,
-        "export_seconds": round(export_seconds, 2),
-        "tools": tool_versions(),
-        "parity": parity,
-        "gate": gate,
-    }

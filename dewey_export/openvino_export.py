@@ -1,18 +1,10 @@
 """Checkpoint folder -> OpenVINO export folder (IR), verified against PyTorch before it is published.
 
-Source graph. The checkpoint is traced to ONNX by the ONNX exporter's own flow for the ``openvino``
-target (onnx_export.TARGETS: the gpu target's graph, opset 23 with the standard Attention op, span
+Source graph. The checkpoint is traced to ONNX by the ONNX target's own flow for the ``openvino`` graph
+form (onnx_export.GRAPH_FORMS: the gpu form's graph, opset 23 with the standard Attention op, span
 pooling in centered float32), and that file is converted with ``openvino.convert_model``. Every
-candidate converts and matches PyTorch fp32 to 5e-6, and they run alike: dewey-mini, OpenVINO 2026.4.1,
-2 threads, 2-core Sapphire Rapids VM (load 1-2), interleaved runs, fastest of 2-5, f32 / bf16 seconds:
-
-    source                                       32 x 128 tokens   8 x 512        1 x 16384
-    ONNX opset 23, Attention op (used)           0.139 / 0.058     0.153 / 0.064  3.43 / 1.71
-    ONNX opset 18, plain MatMul/Softmax          0.144 / 0.057     0.156 / 0.062  3.31 / 1.71
-    ONNX opset 18, com.microsoft MHA (cpu)       0.141 / 0.057     0.151 / 0.062  3.33 / 1.72
-    openvino.convert_model(DeweyModel)           0.142 / 0.057     0.153 / 0.063  3.32 / 1.73
-
-So the choice rests on the graph: opset 23 holds standard ops only (OpenVINO reads ONNX Runtime's
+candidate source converts, matches PyTorch fp32 to 5e-6 and runs alike (docs/benchmarks.md has the
+timings). So the choice rests on the graph: opset 23 holds standard ops only (OpenVINO reads ONNX Runtime's
 contrib MultiHeadAttention too, but need not); its centered float32 pooling stays exact where the CPU
 plugin computes float64 nodes in float32 (the cpu target's float64 prefix sums would silently become
 plain float32 ones; unmarked bf16 parity 0.9979 with them, 0.9992 with centered float32); and it comes
@@ -34,8 +26,8 @@ plugin's bf16 pass honours, as its fp16 compression does):
   on bf16 queries and keys as in PyTorch's bf16 path: the fusion drops marks;
 - the output stage: everything after the final LayerNorm (span pooling and the head).
 
-Measured on dewey-mini: without the marks bf16 fails the quality gate (chunk cosine 0.99805; 0.99825
-with LayerNorm alone), with them it passes (0.99977), for about 9 % of bf16's speed on short batches.
+Without the marks bf16 fails the quality gate on dewey-mini; with them it passes, for a few per cent
+of bf16's speed (docs/benchmarks.md).
 
 Global attention runs in the plugin's fused attention kernel, on bf16 inputs, as PyTorch's bf16 SDPA
 does. ``int8``: weight-only int8 (``nncf.compress_weights``, asymmetric, per output channel) with the
@@ -49,33 +41,23 @@ import logging
 import tempfile
 import xml.etree.ElementTree as ET
 from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from runtimes.errors import ExportError, MissingDependencyError
 from runtimes.export_format import (
-    INPUTS,
     ONNX_FILE,
     OPENVINO_BIN_FILE,
     OPENVINO_KEY,
     OPENVINO_XML_FILE,
-    OUTPUTS,
-    write_manifest,
+    ExportManifest,
+    graph_description,
 )
-from runtimes.files import staged_folder
 
-from .onnx_export import (
-    ExportError,
-    ExportResult,
-    attention_description,
-    build_manifest,
-    copy_model_files,
-    graph_options,
-    load_reference,
-    prepare_output,
-    trace_graph,
-)
-from .verify import INT8_WEIGHTS, check_checkpoint, skipped_report
+from .onnx_export import OnnxTarget, attention_description, trace_graph
+from .pipeline import Built
+from .verify import INT8_WEIGHTS
 
-OPENVINO_TARGET = "openvino"
 # What --precision takes for OpenVINO: the arithmetic (fp32, bf16), or int8 weights with bf16 arithmetic.
 OPENVINO_PRECISIONS = ("fp32", "bf16", INT8_WEIGHTS)
 # What to install for each package an export needs: the runtime's extra, and nncf (int8 only) apart,
@@ -85,22 +67,20 @@ INSTALL = {"openvino": "pip install 'dewey[openvino]'", "nncf": "pip install 'de
 KEEP_PRECISION_ATTRIBUTE = {"name": "precise", "version": "0"}
 # Elementwise ops that apply a LayerNorm's scale and bias to the MVN node's output.
 _AFFINE_OPS = ("Multiply", "Add")
-
-
-class OpenVINOUnavailable(RuntimeError):
-    """OpenVINO (or nncf, for int8) is not installed; the message says how to install it."""
+# The graph the IR is converted from.
+SOURCE_GRAPH = OnnxTarget(form="openvino").check()
 
 
 def require_openvino(precision: str | None = None) -> None:
-    """Raise OpenVINOUnavailable, with the install command, when what an export of ``precision`` needs
-    is missing (nncf only for int8)."""
+    """Raise MissingDependencyError, with the install command, when what an export of ``precision``
+    needs is missing (nncf only for int8)."""
     needed = ["openvino"] + (["nncf"] if precision == INT8_WEIGHTS else [])
     for module in needed:
         try:
             __import__(module)
         except ImportError as exc:
-            raise OpenVINOUnavailable(
-                f"--to openvino needs the package {module!r}, which is not installed: {INSTALL[module]}"
+            raise MissingDependencyError(
+                f"an OpenVINO export needs the package {module!r}, which is not installed: {INSTALL[module]}"
             ) from exc
 
 
@@ -118,55 +98,43 @@ def plan_precision(precision: str | None, has_bf16: bool) -> tuple[str, str]:
     return precision or arithmetic, "fp32"
 
 
-def export_openvino(checkpoint, out, precision: str | None = None, verify: bool = True, overwrite: bool = False,
-                    gate_data=None, log=print) -> ExportResult:
-    """Export ``checkpoint`` to an OpenVINO folder ``out`` (IR, config, tokenizer, manifest).
+@dataclass(frozen=True)
+class OpenVINOTarget:
+    """precision: ``fp32``, ``bf16`` or ``int8`` (int8 weights; see the module's notes); None picks bf16
+    where the CPU has it. ``check`` fills in ``arithmetic`` and ``weights``."""
 
-    precision: ``fp32``, ``bf16`` or ``int8`` (see the module's notes); None picks bf16 where the CPU has
-    it. With ``verify``, the IR runs against PyTorch fp32 before the folder is published: parity on the
-    random inputs, and the quality gate on ``gate_data`` (None: the built-in texts) for bf16 and int8.
-    A failed check still publishes the folder with its reports, as ``export_onnx`` does. OpenVINO is
-    looked for before anything is written.
-    """
-    checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
-    config = check_checkpoint(checkpoint)
-    require_openvino(precision)
-    import openvino as ov
+    precision: str | None = None
+    arithmetic: str | None = None
+    weights: str | None = None
 
-    from runtimes.backends.openvino_backend import cpu_has_bf16
+    name = "openvino"
+    reports = ("parity", "gate")
 
-    arithmetic, weights = plan_precision(precision, cpu_has_bf16(ov.Core()))
-    options = graph_options(OPENVINO_TARGET)
-    prepare_output(checkpoint, out, overwrite, log)
-    with staged_folder(out) as staging:  # made first: an --out that cannot be written fails before the load
-        model = load_reference(checkpoint, options.attention, log)
-        with tempfile.TemporaryDirectory(dir=staging) as onnx_folder:  # the IR replaces the ONNX graph
+    def check(self, config=None, log=None) -> "OpenVINOTarget":
+        require_openvino(self.precision)
+        import openvino as ov
+
+        from runtimes.backends.openvino_backend import cpu_has_bf16
+
+        arithmetic, weights = plan_precision(self.precision, cpu_has_bf16(ov.Core()))
+        return replace(self, arithmetic=arithmetic, weights=weights)
+
+    def build(self, reference, checkpoint: Path, folder: Path, log) -> Built:
+        with tempfile.TemporaryDirectory(dir=folder) as onnx_folder:  # the IR replaces the ONNX graph
             onnx_path = Path(onnx_folder) / ONNX_FILE
-            traced, export_seconds = trace_graph(model, options, onnx_path, log)
-            description = convert(onnx_path, staging, weights, options.opset, log)
-        copy_model_files(checkpoint, staging)
-        label = INT8_WEIGHTS if weights == INT8_WEIGHTS else arithmetic
-        parity, gate = _verify(model, staging, checkpoint, config, arithmetic, weights, label, verify, gate_data, log)
-        manifest = build_manifest(checkpoint, staging, {OPENVINO_KEY: description}, precision=arithmetic,
-                                  target=OPENVINO_TARGET, attention=attention_description(options, traced.pooling),
-                                  export_seconds=export_seconds, parity=parity, gate=gate)
-        write_manifest(staging, manifest)
-    log(f"Wrote {out} ({arithmetic} arithmetic, {weights} weights)")
-    return ExportResult(out, manifest)
+            traced, seconds = trace_graph(reference, SOURCE_GRAPH, onnx_path, log)
+            description = convert(onnx_path, folder, self.weights, SOURCE_GRAPH.opset, log)
+        log(f"  {self.arithmetic} arithmetic, {self.weights} weights")
+        return Built(OPENVINO_KEY, description, self.arithmetic, SOURCE_GRAPH.form,
+                     attention_description(SOURCE_GRAPH, traced.pooling), seconds)
 
+    def candidate(self, folder: Path, manifest: ExportManifest, device=None):
+        """OpenVINO's CPU plugin running the IR at the export's precision (fp32 on a CPU without
+        bfloat16), checked at that precision, or int8's limits for int8 weights."""
+        from runtimes.backends.openvino_backend import OpenVINOBackend
 
-def _verify(model, folder: Path, checkpoint: Path, config, arithmetic: str, weights: str, label: str, verify: bool,
-            gate_data, log) -> tuple[dict, dict]:
-    from runtimes.backends.openvino_backend import OpenVINOBackend
-    from runtimes.backends.torch_backend import TorchBackend
-
-    from .gate import skipped_gate, verify_candidate
-
-    if not verify:
-        return skipped_report(label), skipped_gate()
-    candidate = OpenVINOBackend(folder / OPENVINO_XML_FILE, precision=arithmetic, weights=weights)
-    log(f"OpenVINO runs it as {candidate!r}")
-    return verify_candidate(TorchBackend(model), candidate, checkpoint, config, label, label != "fp32", gate_data, log)
+        backend = OpenVINOBackend.from_folder(folder, device=device)
+        return backend, INT8_WEIGHTS if backend.weights == INT8_WEIGHTS else backend.precision
 
 
 def convert(onnx_path: Path, folder: Path, weights: str, opset: int, log) -> dict:
@@ -187,14 +155,9 @@ def convert(onnx_path: Path, folder: Path, weights: str, opset: int, log) -> dic
     ov.save_model(model, str(xml_path), compress_to_fp16=False)
     mark_nodes(xml_path, {name for names in kept.values() for name in names})
     log("  fp32 under bf16: " + ", ".join(f"{len(names)} {kind} nodes" for kind, names in kept.items()))
-    return {
-        "files": [OPENVINO_XML_FILE, OPENVINO_BIN_FILE],
-        "converted_from": f"ONNX opset {opset} (standard ops), openvino.convert_model",
-        "inputs": {name: {"type": t, "axes": axes} for name, (t, axes) in INPUTS.items()},
-        "outputs": {name: {"type": t, "axes": axes} for name, (t, axes) in OUTPUTS.items()},
-        "weights": weights,
-        "fp32_nodes": {kind: len(names) for kind, names in kept.items()},
-    }
+    return graph_description([OPENVINO_XML_FILE, OPENVINO_BIN_FILE],
+                             converted_from=f"ONNX opset {opset} (standard ops), openvino.convert_model",
+                             weights=weights, fp32_nodes={kind: len(names) for kind, names in kept.items()})
 
 
 def _consumers(node) -> list:

@@ -1,9 +1,10 @@
-"""Export folder or checkpoint -> a complete Triton Inference Server model repository.
+"""A finished, passed export folder -> a complete Triton Inference Server model repository (a packager,
+not an export target: it builds nothing, and refuses a folder whose any report failed).
 
 Two models, both with complete configs (the server's auto-complete is never needed):
 
 - ``dewey_graph``: the graph itself, ``platform: "onnxruntime_onnx"`` with the export's ``model.onnx``
-  (cpu or gpu target) or ``platform: "tensorrt_plan"`` with a ``--to trt`` folder's ``model.plan``. Its
+  (cpu or gpu form) or ``platform: "tensorrt_plan"`` with a ``dewey-export trt`` folder's ``model.plan``. Its
   inputs and outputs are the backend contract of runtimes.export_format, as the export's manifest records
   them; batches are merged by the server's dynamic batcher up to ``max_batch_size`` rows.
 - ``dewey_text``: a Python-backend model (dewey_export/triton_model.py) taking UTF-8 texts and returning
@@ -24,19 +25,28 @@ from pathlib import Path
 
 import runtimes
 from runtimes.batching import DEFAULT_MAX_BATCH_TOKENS
-from runtimes.config import ModelFileError, load_config
-from runtimes.export_format import MANIFEST_FILE, ONNX_FILE, check_export_files
+from runtimes.config import load_config
+from runtimes.errors import BadInputError, ExportError, ModelFileError, VerificationFailed
+from runtimes.export_format import (
+    MANIFEST_FILE,
+    ONNX_FILE,
+    ExportManifest,
+    check_export_files,
+    contract_tensors,
+    sha256_file,
+)
 from runtimes.files import clean_leftovers, staged_folder
 from runtimes.trt_plan import ENGINE_FILE, EngineMetadata
 from runtimes.validation import require_int
 
-from .onnx_export import COPIED_FILES, ExportError, check_output_folder, export_onnx
+from .pipeline import COPIED_FILES, check_output_folder, written_by_us
 
 GRAPH_MODEL = "dewey_graph"
 TEXT_MODEL = "dewey_text"
 MODEL_VERSION = "1"
 REPOSITORY_MANIFEST = "dewey_triton.json"
-REPOSITORY_FORMAT = 1
+# 2: "source" records the export's path and its manifest's sha256 (1: a path only).
+REPOSITORY_FORMAT = 2
 # Engine -> (Triton platform, the file the platform loads from the version folder).
 ENGINES = {"onnx": ("onnxruntime_onnx", ONNX_FILE), "trt": ("tensorrt_plan", ENGINE_FILE)}
 # The NGC container of Triton 2.51, the server release the tests load these repositories into. Its Python
@@ -53,9 +63,13 @@ SHORT_ROW_TOKENS = 128
 MAX_QUEUE_DELAY_US = 2000
 # Folder of the text model's version folder holding config.json and the tokenizer (triton_model.MODEL_FILES).
 MODEL_FILES = "model_files"
-# Where a checkpoint is exported inside the staging folder before its files are laid out.
-EXPORT_WORKDIR = ".export"
+# Triton's data type of each element type of the backend contract (runtimes.export_format).
 _TRITON_TYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32"}
+# Triton's max_batch_size and dims are int32 (model_config.proto); a larger token budget would write a
+# config the server refuses.
+INT32_MAX = 2**31 - 1
+# What a repository holds at its top: what a leftover of an interrupted write may hold to be removed.
+REPOSITORY_NAMES = frozenset({GRAPH_MODEL, TEXT_MODEL, "README.md", REPOSITORY_MANIFEST})
 # The text model's outputs: name -> (Triton type, dims after the batch axis; "vector_size" is D).
 TEXT_OUTPUTS = {
     "vectors": ("TYPE_FP32", ["vector_size"]),
@@ -66,37 +80,41 @@ TEXT_OUTPUTS = {
 
 
 def write_triton_repository(source, out, engine: str = "onnx", instances: int = 1,
-                            max_batch_tokens: int | None = None, target: str = "cpu", verify: bool = True,
-                            overwrite: bool = False, log=print) -> Path:
-    """Write the Triton model repository of ``source`` to the folder ``out``; returns ``out``.
+                            max_batch_tokens: int | None = None, overwrite: bool = False, log=print) -> Path:
+    """Write the Triton model repository of the export folder ``source`` to the folder ``out``; returns
+    ``out``.
 
-    source: an export folder (``dewey-export --to onnx``, or ``--to trt`` for ``engine="trt"``), or a
-    checkpoint, which is first exported to ONNX for ``target`` (``cpu`` or ``gpu``) and verified unless
-    ``verify`` is False (a TensorRT engine needs its ``--to trt`` folder: it is built on the serving GPU).
-    instances: instances of each model (``instance_group``; CPU for a cpu-target graph, GPU otherwise).
-    max_batch_tokens: padded tokens per graph batch (default runtimes.batching's, 16384; with a TensorRT
-    engine, its profiles' largest batch); it sets the graph's ``max_batch_size`` and the text model's
-    batches. ``out`` may replace only a previous repository or export, and only with ``overwrite``.
+    source: a ``dewey-export onnx`` folder, or a ``dewey-export trt`` folder for ``engine="trt"`` (its
+    ONNX graph also serves with ``engine="onnx"``); its files must match its manifest and every report
+    in it must have passed (a failed one is a VerificationFailed naming it). A checkpoint is refused:
+    export it first. instances: instances of each model (``instance_group``; CPU for a cpu-form graph,
+    GPU otherwise). max_batch_tokens: padded tokens per graph batch (default runtimes.batching's, 16384;
+    with a TensorRT engine, its profiles' largest batch); it sets the graph's ``max_batch_size`` and the
+    text model's batches. ``out`` may replace only a previous repository or export, and only with
+    ``overwrite``.
     """
     if engine not in ENGINES:
         raise ExportError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
     instances = require_int("instances", instances, 1)
     if max_batch_tokens is not None:
         max_batch_tokens = require_int("max_batch_tokens", max_batch_tokens, 1)
+        if max_batch_tokens > INT32_MAX:
+            raise BadInputError(f"max_batch_tokens {max_batch_tokens} is above Triton's int32 limit {INT32_MAX}")
     source, out = Path(source).resolve(), Path(out).resolve()
     if not source.is_dir():
-        raise ModelFileError(f"{source} is not a folder (expected a Dewey checkpoint or export folder)")
-    clean_leftovers(out.parent, out.name, log=log)
+        raise ModelFileError(f"{source} is not a folder (expected a dewey export folder)")
+    if not (source / MANIFEST_FILE).is_file():
+        raise ModelFileError(f"{source} is not a dewey export folder (no {MANIFEST_FILE}); export the checkpoint "
+                             f"first: dewey-export {'trt' if engine == 'trt' else 'onnx'} --model {source} --out DIR")
+    manifest = check_export_files(source)
+    if manifest.failed:
+        raise VerificationFailed(f"{source} failed its {', '.join(manifest.failed)} check(s) (see {MANIFEST_FILE}); "
+                                 "only a passed export is packaged")
+    layout = repository_layout(source, manifest, engine, instances, max_batch_tokens)
+    clean_leftovers(out.parent, out.name, log=log, owned=written_by_us(REPOSITORY_NAMES))
     check_repository_output(source, out, overwrite)
     with staged_folder(out) as staging:
-        export = source if (source / MANIFEST_FILE).is_file() else export_checkpoint(
-            source, staging / EXPORT_WORKDIR, engine, target, verify, log)
-        manifest = check_export_files(export)
-        if manifest["parity"].get("passed") is False:
-            raise ExportError(f"{export} failed its parity check (see parity in its {MANIFEST_FILE}); export again")
-        layout = repository_layout(export, manifest, engine, instances, max_batch_tokens)
-        lay_out_repository(export, staging, layout)
-        shutil.rmtree(staging / EXPORT_WORKDIR, ignore_errors=True)
+        lay_out_repository(source, staging, layout)
     log(f"Wrote the Triton model repository {out} ({GRAPH_MODEL}: {layout['platform']}, "
         f"max_batch_size {layout['max_batch_size']}; {TEXT_MODEL}: python)")
     return out
@@ -114,23 +132,13 @@ def check_repository_output(source: Path, out: Path, overwrite: bool) -> None:
         raise ExportError(f"--out {out} contains the source {source}; choose another folder")
 
 
-def export_checkpoint(checkpoint: Path, workdir: Path, engine: str, target: str, verify: bool, log) -> Path:
-    """The ONNX export of ``checkpoint`` in ``workdir`` (inside the staging folder, removed after use)."""
-    if engine == "trt":
-        raise ExportError(
-            f"{checkpoint} is a checkpoint; a TensorRT engine is built on the serving GPU first: "
-            f"dewey-export --model {checkpoint} --to trt --out ENGINE_DIR, then --model ENGINE_DIR --to triton")
-    result = export_onnx(checkpoint, workdir, target=target, verify=verify, log=log)
-    return result.folder
-
-
-def repository_layout(export: Path, manifest: dict, engine: str, instances: int,
+def repository_layout(export: Path, manifest: ExportManifest, engine: str, instances: int,
                       max_batch_tokens: int | None) -> dict:
     """Everything the configs say, derived from the export folder: platform, I/O, batching, instances."""
     platform, graph_file = ENGINES[engine]
     if not (export / graph_file).is_file():
         raise ExportError(f"{export} has no {graph_file}: engine {engine!r} needs a dewey-export "
-                          f"{'--to trt' if engine == 'trt' else '--to onnx'} folder")
+                          f"{'trt' if engine == 'trt' else 'onnx'} folder")
     if engine == "trt":
         profiles = EngineMetadata.read(export).profiles
         max_batch_size = max(profile.batch[2] for profile in profiles)
@@ -138,20 +146,21 @@ def repository_layout(export: Path, manifest: dict, engine: str, instances: int,
     else:
         budget = DEFAULT_MAX_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens
         max_batch_size = max(1, budget // SHORT_ROW_TOKENS)
-    gpu = engine == "trt" or manifest.get("target") == "gpu"
+    gpu = engine == "trt" or manifest.target == "gpu"
     return {
         "engine": engine,
         "platform": platform,
         "graph_file": graph_file,
         "vector_size": load_config(export).vector_size,
-        "inputs": manifest["onnx"]["inputs"],
-        "outputs": manifest["onnx"]["outputs"],
+        # The configs are written from the contract itself, never from strings of the manifest (which
+        # read_manifest has checked against it): nothing a manifest holds reaches config.pbtxt.
+        **contract_tensors(),
         "max_batch_size": max_batch_size,
         "max_batch_tokens": budget if max_batch_tokens is None else min(budget, max_batch_tokens),
         "instances": instances,
         "kind": "KIND_GPU" if gpu else "KIND_CPU",
-        "precision": manifest["precision"],
-        "target": manifest.get("target", "cpu"),
+        "precision": manifest.precision,
+        "target": manifest.target,
     }
 
 
@@ -176,7 +185,9 @@ def lay_out_repository(export: Path, folder: Path, layout: dict) -> None:
     (folder / TEXT_MODEL / "config.pbtxt").write_text(text_config(layout), encoding="utf-8")
 
     (folder / "README.md").write_text(repository_readme(layout), encoding="utf-8")
-    record = {"format": REPOSITORY_FORMAT, "source": str(export), "models": [GRAPH_MODEL, TEXT_MODEL],
+    record = {"format": REPOSITORY_FORMAT, "source": {"path": str(export),
+                                                      "manifest_sha256": sha256_file(export / MANIFEST_FILE)},
+              "models": [GRAPH_MODEL, TEXT_MODEL],
               "container": TRITON_CONTAINER, **{k: v for k, v in layout.items() if k not in ("inputs", "outputs")}}
     (folder / REPOSITORY_MANIFEST).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
@@ -249,7 +260,7 @@ def repository_readme(layout: dict) -> str:
     requirements = " ".join(f"'{r}'" for r in STUB_REQUIREMENTS)
     return f"""# Dewey model repository for Triton Inference Server
 
-Written by `dewey-export --to triton` (engine `{layout['engine']}`, {layout['precision']}, target
+Written by `dewey-export triton` (engine `{layout['engine']}`, {layout['precision']}, target
 `{layout['target']}`). Configs are complete: the server needs no auto-complete.
 
 | model | backend | input | output |

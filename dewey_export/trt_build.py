@@ -4,30 +4,37 @@ Every decision is made by plain Python unit-tested without a GPU: profiles, meta
 by ``runtimes.trt_plan``, the version floor and network/builder flags by ``trt_precision``, the graph
 the parser reads by ``parser_graph``. This module only applies them with the ``tensorrt`` API: Builder
 -> strongly typed network -> OnnxParser -> builder config (workspace, flags, optimization profiles,
-timing cache) -> build_serialized_network. The output folder holds the gpu-target ONNX export
-(``model.onnx``, manifest, tokenizer, config) and, beside it, ``model.plan`` with ``engine.json``, all of
-them in the manifest's ``files`` table, and the engine's parity with PyTorch (``tensorrt_parity``). It is
-staged and renamed into place (runtimes.files), so a failed or killed build never leaves half a folder,
-and only a previous export is replaced (``onnx_export.check_output_folder``).
+timing cache) -> build_serialized_network. ``TensorRTTarget`` is the pipeline's ``tensorrt`` target
+(dewey_export.pipeline): it composes the onnx target's build of the gpu graph with this engine step, so
+the folder holds the gpu-form ONNX export (``model.onnx``, manifest, tokenizer, config) and, beside it,
+``model.plan`` with ``engine.json``, all in the manifest's ``files`` table. Its candidate is the engine
+itself: the engine's parity and, for fp16/bf16, quality gate are the manifest's ``tensorrt_parity`` and
+``tensorrt_gate`` (the graph's own ``parity`` and ``gate`` are not run: the engine is what serves).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from runtimes.export_format import ONNX_FILE, file_table, sha256_file, write_manifest
-from runtimes.files import atomic_path, staged_folder
+from runtimes.errors import BadInputError, ExportError, MissingDependencyError
+from runtimes.export_format import ONNX_FILE, ExportManifest, sha256_file
+from runtimes.files import atomic_path
 from runtimes.precision import precision_name
 from runtimes.trt_plan import DEFAULT_BUCKETS, ENGINE_FILE, EngineMetadata, parse_buckets, plan_profiles
 
-from .onnx_export import ExportResult, graph_options, load_reference, prepare_output, write_export
+from .gate import skipped_gate
+from .onnx_export import OnnxTarget
+from .pipeline import Built
 from .trt_precision import precision_plan, tensorrt_version_problem
-from .verify import check_checkpoint, compare_backends, skipped_report
+from .verify import skipped_report
 
 DEFAULT_WORKSPACE_GIB = 8.0
+# The engine's precision unless asked for another: fp32, as for every other target (fp16 and bf16 are
+# verified by parity and the quality gate like theirs).
+DEFAULT_ENGINE_PRECISION = "fp32"
 # The attribute onnx-tensorrt's Attention importer reads (`attrs.get<int64_t>("TRT_decomposable", 0)`,
 # passed to IAttention::setDecomposable). Without it IAttention "will try to use a single fused kernel",
 # and only a decomposable one "can ... be decomposed to use multiple kernels if no fused kernel support
@@ -36,19 +43,17 @@ DEFAULT_WORKSPACE_GIB = 8.0
 # cover; decomposable, the build falls back to separate kernels instead of failing (their scores take
 # memory quadratic in length: scripts/gpu_check.py's device peak at 32k tokens shows which ran).
 DECOMPOSABLE_ATTRIBUTE = "TRT_decomposable"
-# The manifest's key for the engine's parity report ("parity" holds the ONNX graph's, not checked here).
-ENGINE_PARITY_KEY = "tensorrt_parity"
-
-
-class TensorRTUnavailable(RuntimeError):
-    """TensorRT or a CUDA GPU is missing, or the TensorRT is too old; the message says which and what to do."""
+# The manifest's keys for the engine's reports.
+ENGINE_REPORTS = ("tensorrt_parity", "tensorrt_gate")
+# Why the graph's own reports of an engine folder are not run.
+CHECKED_THROUGH_ENGINE = "the engine built from this graph is checked instead (tensorrt_parity, tensorrt_gate)"
 
 
 def tensorrt_status() -> str | None:
     """None when TensorRT can build here; otherwise what is missing and how to install it.
 
-    The version comes first (``trt_precision.MIN_TENSORRT_VERSION``): the CLI and ``build_engine_folder``
-    ask before anything is exported, so a TensorRT whose parser would reject the graph costs nothing.
+    The version comes first (``trt_precision.MIN_TENSORRT_VERSION``): ``TensorRTTarget.check`` asks
+    before anything is exported, so a TensorRT whose parser would reject the graph costs nothing.
     ``import tensorrt`` working proves nothing about a GPU: ``tensorrt.Builder`` raises without a CUDA
     driver, so the builder is created once to find out.
     """
@@ -57,7 +62,7 @@ def tensorrt_status() -> str | None:
     except ImportError:
         return ("TensorRT is not installed. On a machine with an NVIDIA GPU: pip install tensorrt-cu12 "
                 "(or tensorrt-cu13; the PyPI packages fetch from NVIDIA's index), then run this again. "
-                "Without TensorRT, export --to onnx --target gpu and use ONNX Runtime's TensorRT provider.")
+                "Without TensorRT, export dewey-export onnx --device gpu and use ONNX Runtime's TensorRT provider.")
     try:
         problem = tensorrt_version_problem(trt.__version__)
     except ValueError as exc:
@@ -86,56 +91,67 @@ def default_timing_cache(tensorrt_version: str, gpu_name: str) -> Path:
     return root / f"timing-{slug}.cache"
 
 
-@dataclass
-class EngineBuildSettings:
-    precision: str = "fp16"
-    buckets: tuple = DEFAULT_BUCKETS
+@dataclass(frozen=True)
+class TensorRTTarget:
+    """precision: the engine's (fp32, fp16, bf16); buckets: length buckets ``MAX_TOKENSxMAX_BATCH`` (a
+    string or pairs), one optimization profile each; token_budget: padded tokens per profile batch
+    (runtimes.trt_plan's default); workspace_gib: the builder's workspace limit; timing_cache: the
+    timing cache file (None: a per-user one per TensorRT version and GPU); version_compatible: a plan
+    that runs on newer TensorRT of the same major. ``check`` fills in ``profiles``."""
+
+    precision: str = DEFAULT_ENGINE_PRECISION
+    buckets: tuple | str = DEFAULT_BUCKETS
     token_budget: int | None = None
     workspace_gib: float = DEFAULT_WORKSPACE_GIB
     timing_cache: Path | None = None
     version_compatible: bool = False
+    profiles: tuple = ()
 
-    def __post_init__(self):
-        self.precision = precision_name(self.precision)  # refused here, not after the ONNX export
-        if isinstance(self.buckets, str):
-            self.buckets = tuple(parse_buckets(self.buckets))
+    name = "tensorrt"
+    reports = ENGINE_REPORTS
 
+    def check(self, config, log=None) -> "TensorRTTarget":
+        """TensorRT first (a missing or too old TensorRT, or no GPU, is a MissingDependencyError), then
+        the options against the model (a bucket over its length is refused); before anything is written."""
+        status = tensorrt_status()
+        if status:
+            raise MissingDependencyError(status)
+        try:
+            precision = precision_name(self.precision)
+            buckets = tuple(parse_buckets(self.buckets)) if isinstance(self.buckets, str) else self.buckets
+            profiles = plan_profiles(buckets, config.max_position_embeddings, self.token_budget)
+        except ValueError as exc:
+            raise BadInputError(str(exc)) from None
+        return replace(self, precision=precision, buckets=buckets, profiles=tuple(profiles))
 
-def build_engine_folder(checkpoint, out, settings: EngineBuildSettings, verify: bool = True, overwrite: bool = False,
-                        log=print) -> ExportResult:
-    """Checkpoint -> folder with the gpu-target ONNX export and a TensorRT engine built from it.
+    def build(self, reference, checkpoint: Path, folder: Path, log) -> Built:
+        """The gpu-form ONNX graph of the engine's precision (strongly typed: the graph holds the
+        precision), then the engine built from it."""
+        import tensorrt as trt
 
-    With ``verify`` the engine is compared with PyTorch fp32 on the GPU before the folder is published;
-    the report is the manifest's ``tensorrt_parity`` (``result.passed``), and a failed one is published
-    too, for inspection, as by ``export_onnx``. ``out`` is checked before TensorRT is looked for, so a
-    refused ``out`` is reported whether or not TensorRT is here.
-    """
-    checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
-    config = check_checkpoint(checkpoint)
-    prepare_output(checkpoint, out, overwrite, log)
-    status = tensorrt_status()
-    if status:
-        raise TensorRTUnavailable(status)
-    import tensorrt as trt
+        plan = precision_plan(self.precision, trt.__version__)
+        graph = OnnxTarget(form="gpu", precision=plan.precision).check().build(reference, checkpoint, folder, log)
+        _write_engine(trt, folder, plan, self, log)
+        skipped = {"parity": skipped_report(graph.precision, CHECKED_THROUGH_ENGINE),
+                   "gate": skipped_gate(CHECKED_THROUGH_ENGINE)}
+        return replace(graph, reports=skipped)
 
-    plan = precision_plan(settings.precision, trt.__version__)
-    profiles = plan_profiles(settings.buckets, config.max_position_embeddings, settings.token_budget)
-    options = graph_options("gpu", precision=plan.precision)  # strongly typed: the graph holds the precision
-
-    with staged_folder(out) as staging:  # made first: an --out that cannot be written fails before the load
-        model = load_reference(checkpoint, options.attention, log)
-        manifest = write_export(checkpoint, config, model, staging, options, verify=False, log=log)
-        _write_engine(trt, staging, plan, profiles, settings, log)
-        manifest[ENGINE_PARITY_KEY] = (_verify_engine(model, staging, config, settings.precision, log) if verify
-                                       else skipped_report(settings.precision))
-        manifest["files"] = file_table(staging)  # now with the engine and its metadata
-        write_manifest(staging, manifest)
-    log(f"Wrote {out}")
-    return ExportResult(out, manifest, parity_key=ENGINE_PARITY_KEY)
+    def candidate(self, folder: Path, manifest: ExportManifest, device=None):
+        """The engine of ``folder`` on a CUDA device, checked at the precision it was built in."""
+        backend = engine_backend(folder, device)
+        return backend, backend.metadata.precision
 
 
-def _write_engine(trt, folder: Path, plan, profiles, settings: EngineBuildSettings, log) -> None:
+def engine_backend(folder: Path, device=None):
+    """The TensorRT backend running ``folder``'s engine (what serves it)."""
+    from runtimes.backends.trt_backend import TensorRTBackend
+
+    return TensorRTBackend(folder, device=device)
+
+
+def _write_engine(trt, folder: Path, plan, settings: TensorRTTarget, log) -> None:
     """``model.plan``, built on this GPU from the folder's ``model.onnx``, and its ``engine.json``."""
+    profiles = settings.profiles
     gpu_name, capability = gpu_identity()
     log(f"Building a TensorRT {trt.__version__} {settings.precision} engine on {gpu_name} "
         f"({len(profiles)} profiles: {', '.join(p.describe() for p in profiles)})")
@@ -150,15 +166,6 @@ def _write_engine(trt, folder: Path, plan, profiles, settings: EngineBuildSettin
         precision=settings.precision, profiles=profiles, onnx_sha256=sha256_file(folder / ONNX_FILE),
         version_compatible=settings.version_compatible, created_by=_dewey_version(),
     ).write(folder)
-
-
-def _verify_engine(model, folder: Path, config, precision: str, log) -> dict:
-    """Parity of the engine in ``folder`` with the fp32 ``model`` on the GPU."""
-    from runtimes.backends.torch_backend import TorchBackend
-    from runtimes.backends.trt_backend import TensorRTBackend
-
-    log("Verifying the engine against the PyTorch backend (fp32, cuda)")
-    return compare_backends(TorchBackend(model, device="cuda"), TensorRTBackend(folder), config, precision, log)
 
 
 def parser_graph(onnx_path: Path) -> bytes:
@@ -181,7 +188,7 @@ def parser_graph(onnx_path: Path) -> bytes:
     return model.SerializeToString()
 
 
-def _serialize_engine(trt, onnx_path: Path, plan, profiles, settings: EngineBuildSettings, cache_path: Path,
+def _serialize_engine(trt, onnx_path: Path, plan, profiles, settings: TensorRTTarget, cache_path: Path,
                       log) -> bytes:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -193,7 +200,7 @@ def _serialize_engine(trt, onnx_path: Path, plan, profiles, settings: EngineBuil
     # The path is where the parser looks for external weights (model.onnx.data beside model.onnx).
     if not parser.parse(parser_graph(onnx_path), str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
+        raise ExportError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gib * (1 << 30)))
@@ -210,7 +217,7 @@ def _serialize_engine(trt, onnx_path: Path, plan, profiles, settings: EngineBuil
     timing_cache = _attach_timing_cache(config, cache_path, log)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError("TensorRT could not build the engine (see the TensorRT log above)")
+        raise ExportError("TensorRT could not build the engine (see the TensorRT log above)")
     if timing_cache is None:
         log("  no timing cache could be attached; none saved")
     else:

@@ -4,7 +4,7 @@ Every hyperparameter lives in a config file (TOML, YAML or JSON; see ``recipes/d
 ``dewey_train/config.py`` for each key); options given here override it. Run several processes with
 ``torchrun --nproc-per-node N -m dewey_train.cli train ...``.
 
-Exit codes: 0 done, 1 failed, 2 bad usage or input.
+Exit codes (runtimes.errors): 0 done, 1 failed, 2 bad usage or input.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 
 import click
+
+from runtimes.corpus import DEFAULT_HELDOUT_FRACTION
+from runtimes.errors import cli_errors
 
 from .config import parse_override, read_train_config
 
@@ -25,10 +28,11 @@ def _overrides(pairs, **named) -> dict:
 
 
 def _fail(message: str, code: int = 2):
-    click.echo(f"error: {message}", err=True)
+    click.echo("error: " + " ".join(line.strip() for line in message.splitlines()), err=True)
     sys.exit(code)
 
 
+@cli_errors
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Chunk-alignment distillation of Dewey long-context embedding students."""
@@ -144,10 +148,10 @@ def evaluate_command(model_path, config_path, data, teacher, out_json, queries, 
 
 @main.command()
 @click.option("--data", multiple=True, default=("stdlib",), show_default=True, help="Sources to report.")
-@click.option("--heldout-fraction", type=float, default=0.05, show_default=True)
+@click.option("--heldout-fraction", type=float, default=DEFAULT_HELDOUT_FRACTION, show_default=True)
 def corpus(data, heldout_fraction):
     """Size of a corpus (documents, characters, teacher-tokenizer tokens) and its train/held-out split."""
-    from .data import corpus_stats, split_documents
+    from runtimes.corpus import corpus_stats, split_documents
     from runtimes.tokenization import read_tokenizer_file
 
     from .teacher import resolve_teacher_path

@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from runtimes.corpus import DEFAULT_HELDOUT_FRACTION
+
 OPTIMIZERS = ("stable_adamw", "adamw")
 WHOLE_TEXT_TARGETS = ("auto", "chunk_mean")
 EMBEDDING_INITS = ("teacher_pca", "teacher_static", "random")
@@ -47,7 +49,7 @@ class TrainConfig:
     # -- where things are
     out_dir: str = "runs/dewey"
     data: list = field(default_factory=lambda: ["stdlib"])  # files, folders, *.jsonl, or "stdlib"
-    heldout_fraction: float = 0.05
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION
     init_from: str | None = None  # an existing Dewey checkpoint folder to continue from
     student: StudentShape = field(default_factory=StudentShape)
     # -- teacher

@@ -33,7 +33,7 @@ from runtimes.chunking import RecursiveSplitter, char_spans, chunk_spans, word_s
 from runtimes.tokenization import SPECIAL_TOKENS_PER_ROW, DeweyTokenizer
 
 from .config import TrainConfig
-from .data import text_hash
+from runtimes.corpus import text_hash
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 
 from runtimes.tokenization import read_tokenizer_file
 
-from .data import text_hash
+from runtimes.corpus import text_hash
 
 DEFAULT_TEACHER = "minilm"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

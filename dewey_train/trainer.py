@@ -42,7 +42,7 @@ from runtimes.modeling import DeweyModel
 from runtimes.tokenization import TOKENIZER_FILE, DeweyTokenizer
 
 from .config import TrainConfig, config_from_dict
-from .data import split_documents
+from runtimes.corpus import split_documents
 from .losses import distillation_loss
 from .samples import Sample, SampleBuilder, attach_targets, make_batch, split_into_pieces
 from .student import build_student

@@ -1,6 +1,6 @@
 """Export a Dewey checkpoint to ONNX, then serve it with ONNX Runtime in a process that never imports torch.
 
-The export runs ``dewey-export --to onnx`` in a child process (it needs torch: it traces the model and
+The export runs ``dewey-export onnx`` in a child process (it needs torch: it traces the model and
 checks the graph against PyTorch before publishing the folder). This process then loads the export folder
 with ``backend="onnx"``: numpy, tokenizers and onnxruntime are all it uses, as in an embedded service.
 
@@ -30,7 +30,7 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="dewey-onnx-")) / "export"
 
     # dewey-export runs as a child process: the export needs torch, this process serves without it.
-    options = ["--to", "onnx", "--out", str(out), *(["--model", str(args.model)] if args.model else [])]
+    options = ["onnx", "--out", str(out), *(["--model", str(args.model)] if args.model else [])]
     print("exporting: dewey-export", *options, flush=True)
     if code := subprocess.call([sys.executable, "-m", "dewey_export.cli", *options]):
         sys.exit(code)  # dewey-export has said why

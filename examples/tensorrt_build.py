@@ -1,6 +1,6 @@
 """Build a TensorRT engine from a Dewey checkpoint and encode with it (NVIDIA GPU and TensorRT needed).
 
-The build runs ``dewey-export --to trt`` in a child process: it exports the gpu-target ONNX graph, builds
+The build runs ``dewey-export trt`` in a child process: it exports the gpu-target ONNX graph, builds
 one optimization profile per length bucket and checks the engine against PyTorch on the GPU. The folder
 is then loaded with ``backend="trt"``. Without TensorRT or a usable GPU the script says what is missing
 and exits with code 3, before anything is written.
@@ -40,7 +40,7 @@ def main() -> None:
         print(f"cannot build a TensorRT engine here: {missing}", file=sys.stderr)
         sys.exit(EXIT_NO_TENSORRT)
     out = args.out or Path(tempfile.mkdtemp(prefix="dewey-trt-")) / "engine"
-    options = ["--to", "trt", "--out", str(out), "--precision", args.precision, "--buckets", args.buckets,
+    options = ["trt", "--out", str(out), "--precision", args.precision, "--buckets", args.buckets,
                *(["--model", str(args.model)] if args.model else [])]
     print("building: dewey-export", *options, flush=True)
     if code := subprocess.call([sys.executable, "-m", "dewey_export.cli", *options]):

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .backends import available_backends, get_backend_class
-from .config import DeweyConfig, ModelFileError, load_config
+from .backends import available_backends, backend_for_folder, get_backend_class
+from .config import DeweyConfig, load_config
 from .encoder import ChunkedDocument, Encoder, TruncationWarning
+from .errors import DeweyError, ModelFileError
 from .export_format import MANIFEST_FILE, check_export_files
 from .tokenization import DeweyTokenizer
 from .validation import require_bool
@@ -29,6 +30,7 @@ __all__ = [
     "ChunkedDocument",
     "DEFAULT_MODEL_DIR",
     "DeweyConfig",
+    "DeweyError",
     "Encoder",
     "ModelFileError",
     "TruncationWarning",
@@ -47,40 +49,45 @@ def default_model_path() -> Path:
     return DEFAULT_MODEL_DIR
 
 
-def load(path: str | Path | None = None, backend: str = "torch", device=None, dtype=None,
-         verify_files: bool = True, **backend_options) -> Encoder:
+def load(path: str | Path | None = None, backend: str | None = None, device=None, dtype=None,
+         threads: int | None = None, verify_files: bool = True, **backend_options) -> Encoder:
     """Load a Dewey model folder into an Encoder running on ``backend``.
 
     ``path`` None: the packaged default model, dewey-mini (a checkpoint folder: torch backend; export it
-    with ``dewey-export`` for the others).
+    with ``dewey-export`` for the others). ``backend`` None: the one the folder is for
+    (``backends.backend_for_folder``: an export folder's manifest says onnx, openvino or trt, a folder
+    without one is a checkpoint for torch); a backend named here wins. ``threads``: the CPU threads of
+    the forward pass, for every backend (None: the CPUs this process may use; torch's pool is per
+    process).
 
     ``dtype`` names a precision in any spelling of ``runtimes.precision``: ``fp32``/``float32``,
     ``bf16``/``bfloat16``, ``fp16``/``float16``, or a torch or numpy dtype.
 
     backend ``torch``: a checkpoint folder; device ``cpu`` (default) or ``cuda[:N]``; dtype ``fp32``
     (default) or ``bf16``.
-    backend ``onnx``: an export folder (``dewey-export --to onnx``); device ``cpu`` (default),
+    backend ``onnx``: an export folder (``dewey-export onnx``); device ``cpu`` (default),
     ``cuda[:N]`` or ``tensorrt[:N]`` (ONNX Runtime execution providers); dtype None or the graph's
-    precision; options ``providers``, ``intra_op_num_threads``, ``session_options``, ``tensorrt_options``.
-    backend ``trt``: a ``dewey-export --to trt`` folder; device ``cuda[:N]``; no dtype (the engine's).
-    backend ``openvino``: a ``dewey-export --to openvino`` folder (CPU); dtype None (bf16 where the CPU has
-    BF16 units and the export allows it, else fp32) or ``fp32``.
+    precision; options ``providers``, ``session_options``, ``tensorrt_options``.
+    backend ``trt``: a ``dewey-export trt`` folder; device ``cuda[:N]``; no dtype (the engine's).
+    backend ``openvino``: a ``dewey-export openvino`` folder (CPU); dtype None (bf16 where the CPU has
+    BF16 units and the export allows it, else fp32) or ``fp32``; option ``properties``.
 
     An export folder's files are compared with its manifest before any of them is read: each listed file
-    must have its recorded size and sha256, or ModelFileError names it. Hashing reads every file once
-    (about 600 MB/s on a 2-core machine); ``verify_files=False`` keeps only the size check, for hot
-    reloads of a folder already checked.
+    must have its recorded size and sha256, or ModelFileError names it; a folder whose export-time
+    checks failed loads with one RuntimeWarning naming them. Hashing reads every file once;
+    ``verify_files=False`` keeps only the size check, for hot reloads of a folder already checked.
     """
     verify_files = require_bool("verify_files", verify_files)
     path = default_model_path() if path is None else Path(path)
     if not path.is_dir():
         raise ModelFileError(f"{path} is not a folder (expected a Dewey checkpoint or export folder)")
+    backend = backend_for_folder(path) if backend is None else backend
     backend_class = get_backend_class(backend)
     if (path / MANIFEST_FILE).exists():
-        check_export_files(path, hashes=verify_files)
+        check_export_files(path, hashes=verify_files).warn_if_failed(path)
     config = load_config(path)
     tokenizer = DeweyTokenizer.from_folder(path, config)
-    engine = backend_class.from_folder(path, device=device, dtype=dtype, **backend_options)
+    engine = backend_class.from_folder(path, device=device, dtype=dtype, threads=threads, **backend_options)
     if engine.vector_size != config.vector_size:
         raise ModelFileError(
             f"{path}: the {backend} model gives {engine.vector_size}-d vectors but config.json says "

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import ModelFileError  # noqa: F401  (defined with dewey's other errors; importable from here too)
 from .validation import require_int, require_positive_real
 
 CONFIG_FILE = "config.json"
@@ -31,10 +32,6 @@ DEWEY_PROMPTS = {
     "query": "<|START_INSTRUCTION|>Answer the question<|END_INSTRUCTION|>",
     "passage": "<|START_INSTRUCTION|>Candidate document<|END_INSTRUCTION|>",
 }
-
-
-class ModelFileError(ValueError):
-    """A model folder or one of its files is missing, corrupt or inconsistent."""
 
 
 @dataclass(frozen=True)

@@ -55,15 +55,18 @@ def leftovers(folder: str | Path, name: str | None = None) -> list[Path]:
     return sorted(found)
 
 
-def clean_leftovers(folder: str | Path, name: str | None = None, log=None) -> list[Path]:
+def clean_leftovers(folder: str | Path, name: str | None = None, log=None, owned=None) -> list[Path]:
     """Remove what dead writers left in ``folder`` (for the target ``name`` only, when given); returns
-    the removed paths.
+    the removed paths. ``owned``: a predicate on a leftover's path; one it refuses (a user's file that
+    only happens to be named like a leftover) is left alone.
 
     A folder moved aside during a swap (``.old``) is the previous target: when the crash came between
     the two renames and the target is missing, it is put back instead of being removed.
     """
     removed = []
     for path in leftovers(folder, name):
+        if owned is not None and not owned(path):
+            continue
         target = path.with_name(_LEFTOVER.match(path.name)["target"])
         if path.name.endswith(".old") and not target.exists():
             path.rename(target)

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import ModelFileError
 from .export_format import INPUTS
 from .precision import PRECISIONS
 from .files import atomic_path
@@ -29,7 +30,7 @@ from .validation import require_int
 ENGINE_FILE = "model.plan"
 METADATA_FILE = "engine.json"
 METADATA_FORMAT = 1
-REBUILD_COMMAND = "dewey-export --model CHECKPOINT --to trt --out DIR"
+REBUILD_COMMAND = "dewey-export trt --model CHECKPOINT --out DIR"
 
 # ---------------------------------------------------------------------------------------------------
 # Length buckets -> optimization profiles
@@ -286,7 +287,7 @@ def parse_tensorrt_version(version: str) -> tuple[int, int, int, int]:
 # ---------------------------------------------------------------------------------------------------
 
 
-class EngineMismatchError(ValueError):
+class EngineMismatchError(ModelFileError):
     """A TensorRT engine cannot run here: another TensorRT version or GPU built it. ``fields`` names
     the mismatched metadata fields."""
 

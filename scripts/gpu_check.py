@@ -182,8 +182,9 @@ def candidates(shape: str, doc_tokens: int, workdir: Path, env: dict) -> list[tu
     import torch
 
     import runtimes
-    from dewey_export.onnx_export import export_onnx
-    from dewey_export.trt_build import EngineBuildSettings, build_engine_folder
+    from dewey_export.onnx_export import OnnxTarget
+    from dewey_export.pipeline import export
+    from dewey_export.trt_build import TensorRTTarget
     from runtimes.backends.onnx_backend import tensorrt_provider_options
     from runtimes.testing import make_test_checkpoint
     from runtimes.trt_plan import plan_profiles
@@ -197,13 +198,13 @@ def candidates(shape: str, doc_tokens: int, workdir: Path, env: dict) -> list[tu
     buckets = f"{BATCH_BUCKET[0]}x{BATCH_BUCKET[1]},{max_positions}x1"
 
     def onnx_export(name: str, **options):
-        return export_onnx(checkpoint, workdir / name, verify=False, log=lambda m: None, **options).folder
+        return export(checkpoint, workdir / name, OnnxTarget(**options), verify=False, log=lambda m: None).folder
 
     def engine(precision: str):
         def load(row):
-            result = build_engine_folder(checkpoint, workdir / f"trt-{precision}",
-                                         EngineBuildSettings(precision=precision, buckets=buckets), log=lambda m: None)
-            row["parity"] = parity_summary(result.parity)
+            result = export(checkpoint, workdir / f"trt-{precision}", TensorRTTarget(precision=precision, buckets=buckets),
+                            log=lambda m: None)
+            row["parity"] = parity_summary(result.manifest.reports["tensorrt_parity"])
             with warnings.catch_warnings():  # the notes go in the table instead
                 warnings.simplefilter("ignore", RuntimeWarning)
                 encoder = runtimes.load(result.folder, backend="trt")
@@ -215,7 +216,7 @@ def candidates(shape: str, doc_tokens: int, workdir: Path, env: dict) -> list[tu
         # One session, one profile covering every length up to the document (tensorrt_provider_options).
         profile = plan_profiles([(max_positions, BATCH_BUCKET[1])], max_positions)[0]
         options = tensorrt_provider_options(profile, engine_cache_path=workdir / "ort-trt-cache")
-        return runtimes.load(onnx_export("onnx-gpu-fp16", target="gpu", precision="fp16"), backend="onnx",
+        return runtimes.load(onnx_export("onnx-gpu-fp16", form="gpu", precision="fp16"), backend="onnx",
                              device="tensorrt", tensorrt_options=options)
 
     cuda_ep = "CUDAExecutionProvider" in providers
@@ -231,7 +232,7 @@ def candidates(shape: str, doc_tokens: int, workdir: Path, env: dict) -> list[tu
         ("onnxruntime cpu fp32", lambda row: runtimes.load(onnx_export("onnx-cpu"), backend="onnx"),
          "the CUDA provider is here: its row replaces this one" if cuda_ep else None),
         ("onnxruntime cuda fp32",
-         lambda row: runtimes.load(onnx_export("onnx-gpu", target="gpu"), backend="onnx", device="cuda"),
+         lambda row: runtimes.load(onnx_export("onnx-gpu", form="gpu"), backend="onnx", device="cuda"),
          None if cuda_ep else f"CUDAExecutionProvider is not in this onnxruntime ({providers})"),
         ("tensorrt fp16", engine("fp16"), trt_missing),
         ("tensorrt fp32", engine("fp32"), trt_missing),

@@ -36,7 +36,8 @@ def long_text():
 def onnx_export(checkpoint, tmp_path_factory):
     """The tiny checkpoint exported to ONNX (opset 18), verified against PyTorch at export time."""
     pytest.importorskip("onnxruntime", reason="the onnx extra (onnxruntime) is not installed")
-    from dewey_export.onnx_export import export_onnx
+    from dewey_export.onnx_export import OnnxTarget
+    from dewey_export.pipeline import export
 
-    result = export_onnx(checkpoint, tmp_path_factory.mktemp("export") / "tiny-onnx", log=lambda message: None)
+    result = export(checkpoint, tmp_path_factory.mktemp("export") / "tiny-onnx", OnnxTarget(), log=lambda message: None)
     return result.folder

@@ -61,11 +61,12 @@ def shared_encoder(request, checkpoint, tmp_path_factory):
     if request.param == "onnx":
         return load(request.getfixturevalue("onnx_export"), backend="onnx")
     pytest.importorskip("openvino", reason="the openvino extra is not installed")
-    from dewey_export.openvino_export import export_openvino
+    from dewey_export.openvino_export import OpenVINOTarget
+    from dewey_export.pipeline import export
 
     # fp32: each text must also match its own call alone to fp32 rounding, whatever else shares its batch.
     folder = tmp_path_factory.mktemp("concurrency") / "openvino"
-    export_openvino(checkpoint, folder, precision="fp32", verify=False, log=lambda message: None)
+    export(checkpoint, folder, OpenVINOTarget(precision="fp32"), verify=False, log=lambda message: None)
     return load(folder, backend="openvino")
 
 

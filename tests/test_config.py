@@ -267,6 +267,6 @@ def test_dewey_export_exits_2_on_nan_weights(broken, tmp_path):
     from dewey_export.cli import EXIT_BAD_INPUT, main
 
     _rewrite_weight(broken, "layers.1.attn.Wqkv.weight", _poison(float("nan")))
-    result = CliRunner().invoke(main, ["--model", str(broken), "--to", "onnx", "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(main, ["onnx", "--model", str(broken), "--out", str(tmp_path / "out")])
     assert result.exit_code == EXIT_BAD_INPUT, result.output
     assert "layers.1.attn.Wqkv.weight holds 1 NaN" in result.output

@@ -16,6 +16,8 @@ from click.testing import CliRunner  # noqa: E402
 import runtimes  # noqa: E402
 from dewey_export import onnx_export as exporter  # noqa: E402
 from dewey_export.cli import main  # noqa: E402
+from dewey_export.onnx_export import OnnxTarget  # noqa: E402
+from dewey_export.pipeline import export  # noqa: E402
 from dewey_export.verify import FP32_MAX_ABS_DIFF, FP32_MIN_COSINE  # noqa: E402
 from runtimes.backends.onnx_backend import OnnxBackend, available_cpus  # noqa: E402
 from runtimes.export_format import MANIFEST_FILE, ONNX_FILE, file_table, sha256_file, write_manifest  # noqa: E402
@@ -128,7 +130,7 @@ def test_onnx_backend_works_without_torch(onnx_export, tmp_path):
 
 
 def test_opset_23_export_verifies(checkpoint, tmp_path):
-    result = exporter.export_onnx(checkpoint, tmp_path / "o23", opset=23, log=lambda m: None)
+    result = export(checkpoint, tmp_path / "o23", OnnxTarget(opset=23), log=lambda m: None)
     assert result.passed
     ops = {node.op_type for node in onnx.load(str(result.folder / ONNX_FILE)).graph.node}
     assert "RotaryEmbedding" in ops
@@ -136,14 +138,14 @@ def test_opset_23_export_verifies(checkpoint, tmp_path):
 
 def test_cli_export_end_to_end(checkpoint, tmp_path):
     out = tmp_path / "cli-export"
-    result = CliRunner().invoke(main, ["--model", str(checkpoint), "--to", "onnx", "--out", str(out), "--no-verify"])
+    result = CliRunner().invoke(main, ["onnx", "--model", str(checkpoint), "--out", str(out), "--no-verify"])
     assert result.exit_code == 0, result.output
     assert "Exporting to ONNX" in result.output
     assert manifest_of(out)["parity"] == {"skipped": True, "thresholds": manifest_of(out)["parity"]["thresholds"]}
     vectors = runtimes.load(out, backend="onnx").encode(["exported by the CLI"])
     assert vectors.shape == (1, 48)
 
-    again = CliRunner().invoke(main, ["--model", str(checkpoint), "--to", "onnx", "--out", str(out), "--no-verify"])
+    again = CliRunner().invoke(main, ["onnx", "--model", str(checkpoint), "--out", str(out), "--no-verify"])
     assert again.exit_code == 2 and "--overwrite" in again.output
     assert (out / ONNX_FILE).is_file(), "a refused export must leave the existing folder alone"
 
@@ -151,10 +153,10 @@ def test_cli_export_end_to_end(checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["--model", "{missing}", "--to", "onnx", "--out", "{out}"], "{missing}"),
+        (["onnx", "--model", "{missing}", "--out", "{out}"], "{missing}"),
         (["--model", "{ckpt}", "--to", "pdf", "--out", "{out}"], "'pdf' is not one of"),
-        (["--model", "{ckpt}", "--out", "{out}"], "missing --to"),
-        (["--model", "{ckpt}", "--to", "trt", "--out", "{out}"], "TensorRT"),
+        (["--model", "{ckpt}", "--out", "{out}"], "missing the subcommand"),
+        (["trt", "--model", "{ckpt}", "--out", "{out}"], "TensorRT"),
     ],
 )
 def test_cli_bad_input_exits_2_and_writes_nothing(checkpoint, tmp_path, args, needle):
@@ -172,7 +174,7 @@ def test_failed_export_leaves_no_folder(checkpoint, tmp_path, monkeypatch):
 
     monkeypatch.setattr(exporter, "_trace", broken)
     with pytest.raises(RuntimeError, match="simulated"):
-        exporter.export_onnx(checkpoint, tmp_path / "out", log=lambda m: None)
+        export(checkpoint, tmp_path / "out", OnnxTarget(), log=lambda m: None)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -190,7 +192,7 @@ def test_session_threads_follow_cpu_affinity(onnx_export):
 
     backend = OnnxBackend.from_folder(onnx_export)
     assert backend.session_options.intra_op_num_threads == available_cpus() <= len(os.sched_getaffinity(0))
-    assert OnnxBackend.from_folder(onnx_export, intra_op_num_threads=1).session_options.intra_op_num_threads == 1
+    assert OnnxBackend.from_folder(onnx_export, threads=1).session_options.intra_op_num_threads == 1
 
 
 def test_onnx_backend_rejects_damaged_or_foreign_files(onnx_export, tmp_path):
@@ -261,7 +263,7 @@ def test_cli_trt_without_tensorrt_exits_2_and_writes_nothing(checkpoint, tmp_pat
     except ImportError:
         pass
     out = tmp_path / "engine"
-    result = CliRunner().invoke(main, ["--model", str(checkpoint), "--to", "trt", "--out", str(out)])
+    result = CliRunner().invoke(main, ["trt", "--model", str(checkpoint), "--out", str(out)])
     assert result.exit_code == 2
     assert "TensorRT is not installed" in result.output and "pip install tensorrt-cu12" in result.output
     assert list(tmp_path.iterdir()) == []
@@ -271,8 +273,7 @@ def test_cli_trt_without_tensorrt_exits_2_and_writes_nothing(checkpoint, tmp_pat
 def test_reduced_precision_graph_keeps_norms_softmax_and_rotary_in_fp32(checkpoint, tmp_path, precision, low):
     """The graph strongly typed TensorRT builds from: matmuls in fp16/bf16, LayerNorm, Softmax and the
     rotary Cos/Sin tables in fp32 (fp16 LayerNorm overflows; 16-bit rotary tables misplace far tokens)."""
-    result = exporter.export_onnx(checkpoint, tmp_path / precision, target="gpu", precision=precision,
-                                  log=lambda m: None)
+    result = export(checkpoint, tmp_path / precision, OnnxTarget(form="gpu", precision=precision), log=lambda m: None)
     model = onnx.shape_inference.infer_shapes(onnx.load(str(result.folder / ONNX_FILE)))
     types = {v.name: v.type.tensor_type.elem_type for v in
              list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
@@ -302,9 +303,9 @@ def test_reduced_precision_graph_keeps_norms_softmax_and_rotary_in_fp32(checkpoi
 def test_weights_over_the_threshold_go_to_external_data(checkpoint, tmp_path, monkeypatch):
     """Above protobuf's 2 GB limit the weights move to model.onnx.data (threshold lowered to show it)."""
     monkeypatch.setattr(exporter, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)
-    result = exporter.export_onnx(checkpoint, tmp_path / "ext", log=lambda m: None)
+    result = export(checkpoint, tmp_path / "ext", OnnxTarget(), log=lambda m: None)
     data = result.folder / (ONNX_FILE + ".data")
     assert data.is_file() and data.stat().st_size >= 0.9 * (checkpoint / "model.safetensors").stat().st_size
-    assert result.manifest["files"][data.name] == {"bytes": data.stat().st_size, "sha256": sha256_file(data)}
+    assert result.manifest.files[data.name] == {"bytes": data.stat().st_size, "sha256": sha256_file(data)}
     assert result.passed
     assert runtimes.load(result.folder, backend="onnx").encode(["external weights"]).shape == (1, 48)

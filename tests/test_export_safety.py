@@ -32,6 +32,8 @@ from click.testing import CliRunner  # noqa: E402
 import runtimes  # noqa: E402
 from dewey_export import onnx_export as exporter  # noqa: E402
 from dewey_export import trt_build  # noqa: E402
+from dewey_export.onnx_export import OnnxTarget  # noqa: E402
+from dewey_export.pipeline import export  # noqa: E402
 from dewey_export.cli import EXIT_BAD_INPUT, EXIT_VERIFY_FAILED, main  # noqa: E402
 from runtimes.config import CONFIG_FILE, load_config  # noqa: E402
 from runtimes.export_format import (  # noqa: E402
@@ -87,7 +89,7 @@ def project(tmp_path, checkpoint):
 def test_overwrite_never_touches_the_checkpoint(project, out, relation, to):
     (project / "link-to-ckpt").symlink_to(project / "ckpt")
     before = folder_state(project)
-    result = CliRunner().invoke(main, ["--model", str(project / "ckpt"), "--to", to, "--out",
+    result = CliRunner().invoke(main, [to, "--model", str(project / "ckpt"), "--out",
                                        str(project / out), "--overwrite", "--no-verify"])
     assert result.exit_code == EXIT_BAD_INPUT, result.output
     line = one_line_error(result.output)
@@ -104,7 +106,7 @@ def test_overwrite_never_replaces_what_is_not_an_export(project, kind):
         out.mkdir()
         (out / "data.csv").write_text("1,2,3\n")
     before = folder_state(project)
-    result = CliRunner().invoke(main, ["--model", str(project / "ckpt"), "--to", "onnx", "--out", str(out),
+    result = CliRunner().invoke(main, ["onnx", "--model", str(project / "ckpt"), "--out", str(out),
                                        "--overwrite", "--no-verify"])
     assert result.exit_code == EXIT_BAD_INPUT, result.output
     assert str(out) in one_line_error(result.output)
@@ -114,12 +116,11 @@ def test_overwrite_never_replaces_what_is_not_an_export(project, kind):
 def test_export_onnx_and_build_engine_folder_refuse_the_checkpoint_from_python(project, monkeypatch):
     before = folder_state(project)
     with pytest.raises(exporter.ExportError, match="contains the source checkpoint"):
-        exporter.export_onnx(project / "ckpt", project, overwrite=True, log=lambda m: None)
+        export(project / "ckpt", project, OnnxTarget(), overwrite=True, log=lambda m: None)
     # Past the TensorRT check (as on a GPU machine): the --out check comes before anything else.
     monkeypatch.setattr(trt_build, "tensorrt_status", lambda: None)
     with pytest.raises(exporter.ExportError, match="is the source checkpoint"):
-        trt_build.build_engine_folder(project / "ckpt", project / "ckpt", trt_build.EngineBuildSettings(),
-                                      overwrite=True, log=lambda m: None)
+        export(project / "ckpt", project / "ckpt", trt_build.TensorRTTarget(), overwrite=True, log=lambda m: None)
     assert folder_state(project) == before
 
 
@@ -128,9 +129,9 @@ def test_overwrite_replaces_a_previous_export_of_any_format(project, onnx_export
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     write_manifest(out, {**manifest, "format": 1})  # made by an older dewey
     (out / "stale.txt").write_text("from the previous export\n")
-    result = exporter.export_onnx(project / "ckpt", out, verify=False, overwrite=True, log=lambda m: None)
-    assert not (out / "stale.txt").exists() and read_manifest(out)["source"]["path"] == str(project / "ckpt")
-    assert result.manifest["files"] == file_table(out)
+    result = export(project / "ckpt", out, OnnxTarget(), verify=False, overwrite=True, log=lambda m: None)
+    assert not (out / "stale.txt").exists() and read_manifest(out).source["path"] == str(project / "ckpt")
+    assert result.manifest.files == file_table(out)
     assert (project / "notes.txt").is_file() and not leftovers(project)
 
 
@@ -144,14 +145,13 @@ def test_engine_folder_lists_the_engine_files_and_load_checks_them(checkpoint, t
     monkeypatch.setattr(trt_build, "tensorrt_status", lambda: None)
     monkeypatch.setattr(trt_build, "gpu_identity", lambda: ("Stand-in GPU", "9.0"))
     monkeypatch.setattr(trt_build, "_serialize_engine", lambda *args: b"serialized engine")
-    settings = trt_build.EngineBuildSettings(buckets="512x8")
-    result = trt_build.build_engine_folder(checkpoint, tmp_path / "engine", settings, verify=False,
-                                           log=lambda m: None)
+    settings = trt_build.TensorRTTarget(precision="fp16", buckets="512x8")
+    result = export(checkpoint, tmp_path / "engine", settings, verify=False, log=lambda m: None)
     out = result.folder
     manifest = check_export_files(out)
-    assert {ENGINE_FILE, METADATA_FILE, ONNX_FILE} <= set(manifest["files"]) and manifest["files"] == file_table(out)
-    assert manifest["precision"] == EngineMetadata.read(out).precision == "fp16"  # strongly typed: the fp16 graph
-    assert result.parity == manifest["tensorrt_parity"] and manifest["tensorrt_parity"]["skipped"] is True
+    assert {ENGINE_FILE, METADATA_FILE, ONNX_FILE} <= set(manifest.files) and manifest.files == file_table(out)
+    assert manifest.precision == EngineMetadata.read(out).precision == "fp16"  # strongly typed: the fp16 graph
+    assert result.manifest.reports == manifest.reports and manifest.reports["tensorrt_parity"]["skipped"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
     (out / ENGINE_FILE).write_bytes(b"serialized enginf")
     with pytest.raises(ExportFilesChanged, match="model.plan: sha256 differs"):
@@ -164,7 +164,7 @@ def test_engine_folder_lists_the_engine_files_and_load_checks_them(checkpoint, t
 def test_unwritable_out_exits_2_with_one_line(project):
     """Under a path whose parent is a regular file: refused even for root."""
     out = project / "notes.txt" / "export"
-    result = CliRunner().invoke(main, ["--model", str(project / "ckpt"), "--to", "onnx", "--out", str(out)])
+    result = CliRunner().invoke(main, ["onnx", "--model", str(project / "ckpt"), "--out", str(out)])
     assert result.exit_code == EXIT_BAD_INPUT, result.output
     assert "notes.txt is a file" in one_line_error(result.output)
 
@@ -179,7 +179,7 @@ def test_permission_error_while_writing_exits_2_with_one_line(project, monkeypat
         return mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", denied)
-    result = CliRunner().invoke(main, ["--model", str(project / "ckpt"), "--to", "onnx", "--out",
+    result = CliRunner().invoke(main, ["onnx", "--model", str(project / "ckpt"), "--out",
                                        str(project / "out")])
     assert result.exit_code == EXIT_BAD_INPUT, result.output
     assert "Permission denied" in one_line_error(result.output)
@@ -230,7 +230,7 @@ def sibling_export(tmp_path_factory):
     other = make_test_checkpoint(root / "ckpt", seed=7)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(exporter, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)
-        return exporter.export_onnx(other, root / "export", verify=False, log=lambda m: None).folder
+        return export(other, root / "export", OnnxTarget(), verify=False, log=lambda m: None).folder
 
 
 def rewrite_weight(folder: Path, choose, change) -> str:
@@ -330,7 +330,7 @@ def test_verify_fails_non_finite_outputs_even_with_a_matching_table(onnx_export,
     folder = Path(shutil.copytree(onnx_export, tmp_path / "nan"))
     nan_embedding_row(folder, None)
     manifest = read_manifest(folder)
-    write_manifest(folder, {**manifest, "files": file_table(folder)})
+    write_manifest(folder, {**manifest.to_dict(), "files": file_table(folder)})
     result = CliRunner().invoke(main, ["verify", str(folder), "--model", str(checkpoint)])
     assert result.exit_code == EXIT_VERIFY_FAILED, result.output
     assert "finite=False" in result.output
@@ -392,7 +392,7 @@ KILL_POINTS = {
 
 
 def kill_export(checkpoint: Path, out: Path, graph: Path, point, trigger, sig, trace, verify) -> None:
-    args = ["--model", str(checkpoint), "--to", "onnx", "--out", str(out), "--overwrite"]
+    args = ["onnx", "--model", str(checkpoint), "--out", str(out), "--overwrite"]
     args += [] if verify else ["--no-verify"]
     child = subprocess.Popen([sys.executable, "-c", CHILD, point, "" if trace else str(graph), *args],
                              cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -431,7 +431,7 @@ def test_killed_export_keeps_the_previous_one_and_the_next_cleans_up(checkpoint,
             runtimes.load(out, backend="onnx")
 
     messages = []
-    exporter.export_onnx(checkpoint, out, verify=False, overwrite=True, log=messages.append)
+    export(checkpoint, out, OnnxTarget(), verify=False, overwrite=True, log=messages.append)
     assert not leftovers(tmp_path) and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert any(str(path) in message for path in left for message in messages), messages
     np.testing.assert_array_equal(runtimes.load(out, backend="onnx").encode(TEXTS), expected)

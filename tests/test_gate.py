@@ -19,6 +19,7 @@ from dewey_export.gate import GATE_QUERIES, load_gate_data, run_gate  # noqa: E4
 from runtimes.backends.onnx_backend import OnnxBackend  # noqa: E402
 from runtimes.backends.torch_backend import TorchBackend  # noqa: E402
 from runtimes.config import load_config  # noqa: E402
+from runtimes.errors import BadInputError  # noqa: E402
 from runtimes.export_format import MANIFEST_FILE, ONNX_FILE  # noqa: E402
 
 # The degraded export: every weight matrix rounded to 4 bits (16 levels, symmetric, per tensor).
@@ -63,7 +64,7 @@ def test_gate_refuses_a_degraded_export_with_exit_1(checkpoint, tmp_path, monkey
     graph_model = exporter.graph_model
     monkeypatch.setattr(exporter, "graph_model", lambda model, opts: _round_to_four_bits(graph_model(model, opts)))
     out = tmp_path / "degraded"
-    result = CliRunner().invoke(main, ["--model", str(checkpoint), "--to", "onnx", "--precision", "fp16",
+    result = CliRunner().invoke(main, ["onnx", "--model", str(checkpoint), "--precision", "fp16",
                                        "--out", str(out)])
     assert result.exit_code == EXIT_VERIFY_FAILED, result.output
     gate = json.loads((out / MANIFEST_FILE).read_text())["gate"]
@@ -78,21 +79,25 @@ def test_gate_refuses_a_degraded_export_with_exit_1(checkpoint, tmp_path, monkey
 
 
 def test_gate_data_from_jsonl_and_text_files(tmp_path):
+    """runtimes.corpus's one rule, as for training and dewey-embed: a JSONL record or a text file is one
+    document, so the gate reads a JSONL file or a folder of text files."""
     jsonl = tmp_path / "texts.jsonl"
     jsonl.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in DOCUMENTS), encoding="utf-8")
-    text = tmp_path / "texts.txt"
-    text.write_text("\n\n".join(DOCUMENTS) + "\n", encoding="utf-8")
-    for path in (jsonl, text):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for number, doc in enumerate(DOCUMENTS):
+        (texts / f"{number}.txt").write_text(doc, encoding="utf-8")
+    for path in (jsonl, texts):
         data = load_gate_data(path)
         assert data.documents == DOCUMENTS and data.source == str(path)
         assert data.queries and all(query in DOCUMENTS[gold] for query, gold in zip(data.queries, data.gold))
     single = tmp_path / "one.txt"
-    single.write_text(DOCUMENTS[0], encoding="utf-8")
-    with pytest.raises(ValueError, match="at least 2"):
+    single.write_text("\n\n".join(DOCUMENTS), encoding="utf-8")  # blank lines do not split a text file
+    with pytest.raises(BadInputError, match="at least 2"):
         load_gate_data(single)
 
 
 def test_missing_gate_data_file_is_a_usage_error(checkpoint, tmp_path):
-    result = CliRunner().invoke(main, ["--model", str(checkpoint), "--to", "onnx", "--out", str(tmp_path / "x"),
+    result = CliRunner().invoke(main, ["onnx", "--model", str(checkpoint), "--out", str(tmp_path / "x"),
                                        "--gate-data", str(tmp_path / "absent.jsonl")])
     assert result.exit_code == EXIT_BAD_INPUT and not (tmp_path / "x").exists()

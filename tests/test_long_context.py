@@ -153,28 +153,31 @@ def graph_values_with_two_sequence_dims(path) -> list[str]:
 
 @pytest.mark.parametrize("target", ["cpu", "gpu"])
 def test_exported_graph_has_no_sequence_by_sequence_value(checkpoint, tmp_path, target):
-    from dewey_export.onnx_export import export_onnx
+    from dewey_export.onnx_export import OnnxTarget
+    from dewey_export.pipeline import export
 
-    folder = export_onnx(checkpoint, tmp_path / target, target=target, verify=False, log=lambda m: None).folder
+    folder = export(checkpoint, tmp_path / target, OnnxTarget(form=target), verify=False, log=lambda m: None).folder
     assert graph_values_with_two_sequence_dims(folder / "model.onnx") == []
 
 
 def test_the_graph_check_catches_dense_masks(checkpoint, tmp_path):
     """Guard for the guard: the plain dense export does hold S x S values, and the check finds them."""
-    from dewey_export.onnx_export import export_onnx
+    from dewey_export.onnx_export import OnnxTarget
+    from dewey_export.pipeline import export
 
-    folder = export_onnx(checkpoint, tmp_path / "dense", attention="dense", verify=False, log=lambda m: None).folder
+    folder = export(checkpoint, tmp_path / "dense", OnnxTarget(attention="dense"), verify=False, log=lambda m: None).folder
     assert graph_values_with_two_sequence_dims(folder / "model.onnx")
 
 
 def test_target_graphs_use_the_intended_global_attention(onnx_export, checkpoint, tmp_path):
     import onnx
 
-    from dewey_export.onnx_export import export_onnx
+    from dewey_export.onnx_export import OnnxTarget
+    from dewey_export.pipeline import export
 
     cpu_ops = {(n.op_type, n.domain) for n in onnx.load(str(onnx_export / "model.onnx")).graph.node}
     assert ("MultiHeadAttention", "com.microsoft") in cpu_ops
-    gpu = export_onnx(checkpoint, tmp_path / "gpu", target="gpu", verify=False, log=lambda m: None).folder
+    gpu = export(checkpoint, tmp_path / "gpu", OnnxTarget(form="gpu"), verify=False, log=lambda m: None).folder
     gpu_ops = {(n.op_type, n.domain) for n in onnx.load(str(gpu / "model.onnx")).graph.node}
     assert ("Attention", "") in gpu_ops
     assert not [op for op in gpu_ops if op[1] == "com.microsoft"], "contrib ops in a graph meant for TensorRT"

@@ -39,7 +39,7 @@ CHILD = textwrap.dedent(
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.enable_cpu_mem_arena = False
-    backend = OnnxBackend.from_folder(folder, session_options=options, intra_op_num_threads=1)
+    backend = OnnxBackend.from_folder(folder, session_options=options, threads=1)
 
     def status(field):  # kB -> bytes; VmHWM is this process image's own peak (ru_maxrss would count
         # the parent's RSS at fork: Linux carries it across exec)
@@ -82,7 +82,8 @@ def test_malloc_tuning_applies_on_glibc(monkeypatch):
 def long_model_export(tmp_path_factory):
     """The bench's tiny shape (hidden 128, 4 layers, window 128), where activations dominate memory."""
     pytest.importorskip("onnxruntime", reason="the onnx extra (onnxruntime) is not installed")
-    from dewey_export.onnx_export import export_onnx
+    from dewey_export.onnx_export import OnnxTarget
+    from dewey_export.pipeline import export
     from runtimes.testing import make_test_checkpoint
 
     base = tmp_path_factory.mktemp("long-model")
@@ -90,7 +91,7 @@ def long_model_export(tmp_path_factory):
         base / "checkpoint", hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
         vector_size=128, local_attention=128, max_position_embeddings=32768,
     )
-    return export_onnx(checkpoint, base / "onnx", target="cpu", verify=False, log=lambda message: None).folder
+    return export(checkpoint, base / "onnx", OnnxTarget(form="cpu"), verify=False, log=lambda message: None).folder
 
 
 def run_child(folder, length: int, mode: str) -> dict:

@@ -1,4 +1,4 @@
-"""The OpenVINO backend and ``dewey-export --to openvino``: the IR equals PyTorch fp32 in a process
+"""The OpenVINO backend and ``dewey-export openvino``: the IR equals PyTorch fp32 in a process
 without torch, bf16 keeps the marked nodes in fp32, the folder is a complete export, and a missing
 OpenVINO is a usage error that writes nothing."""
 
@@ -21,7 +21,8 @@ import openvino as ov  # noqa: E402
 
 import runtimes  # noqa: E402
 from dewey_export.cli import EXIT_BAD_INPUT  # noqa: E402
-from dewey_export.openvino_export import export_openvino  # noqa: E402
+from dewey_export.openvino_export import OpenVINOTarget  # noqa: E402
+from dewey_export.pipeline import export  # noqa: E402
 from dewey_export.verify import FP32_MAX_ABS_DIFF, FP32_MIN_COSINE, _cosines, parity_cases  # noqa: E402
 from runtimes.backends.openvino_backend import OpenVINOBackend, cpu_has_bf16  # noqa: E402
 from runtimes.config import load_config  # noqa: E402
@@ -47,8 +48,7 @@ PINNED_KERNELS = ("MVN", "Softmax", "CumSum", "GatherElements")
 @pytest.fixture(scope="module")
 def openvino_export(checkpoint, tmp_path_factory):
     """The tiny checkpoint exported to OpenVINO in fp32, verified against PyTorch at export time."""
-    result = export_openvino(checkpoint, tmp_path_factory.mktemp("ov") / "tiny-openvino", precision="fp32",
-                             log=lambda message: None)
+    result = export(checkpoint, tmp_path_factory.mktemp("ov") / "tiny-openvino", OpenVINOTarget(precision="fp32"), log=lambda message: None)
     assert result.passed
     return result.folder
 
@@ -176,7 +176,7 @@ BLOCK_OPENVINO = textwrap.dedent(
 def test_to_openvino_without_openvino_exits_2_and_writes_nothing(checkpoint, tmp_path):
     out = tmp_path / "exports" / "tiny-openvino"
     result = subprocess.run(
-        [sys.executable, "-c", BLOCK_OPENVINO, "--model", str(checkpoint), "--to", "openvino", "--out", str(out)],
+        [sys.executable, "-c", BLOCK_OPENVINO, "openvino", "--model", str(checkpoint), "--out", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
     )
     assert result.returncode == EXIT_BAD_INPUT, result.stderr
@@ -187,8 +187,8 @@ def test_to_openvino_without_openvino_exits_2_and_writes_nothing(checkpoint, tmp
 
 def test_int8_weights_are_compressed_and_gated(checkpoint, tmp_path):
     pytest.importorskip("nncf", reason="nncf (int8 weight compression) is not installed")
-    result = export_openvino(checkpoint, tmp_path / "int8", precision="int8", log=lambda message: None)
-    manifest = result.manifest
+    result = export(checkpoint, tmp_path / "int8", OpenVINOTarget(precision="int8"), log=lambda message: None)
+    manifest = result.manifest.to_dict()
     assert manifest["openvino"]["weights"] == "int8"
     assert manifest["precision"] == ("bf16" if HAS_BF16 else "fp32")
     assert manifest["parity"]["thresholds"]["max_abs_diff"] is None  # held to the reduced limits
@@ -201,16 +201,17 @@ def test_int8_weights_are_compressed_and_gated(checkpoint, tmp_path):
     assert repr(backend).startswith(f"OpenVINOBackend(precision={manifest['precision']!r}, weights='int8'")
 
 
-@pytest.mark.parametrize("flags", [["--target", "gpu"], ["--opset", "18"], ["--attention", "dense"],
-                                   ["--target", "cpu", "--opset", "23"]])
+@pytest.mark.parametrize("flags", [["--device", "gpu"], ["--opset", "18"], ["--attention", "dense"],
+                                   ["--device", "cpu", "--opset", "23"]])
 def test_onnx_graph_options_are_refused_with_to_openvino(checkpoint, tmp_path, flags):
-    """The OpenVINO graph is fixed: an ONNX-only option given with --to openvino is an error, not ignored."""
+    """The OpenVINO graph is fixed: an ONNX-only option given to the openvino subcommand is an error, not
+    ignored."""
     from click.testing import CliRunner
 
     from dewey_export.cli import main
 
     out = tmp_path / "openvino"
-    result = CliRunner().invoke(main, ["--model", str(checkpoint), "--to", "openvino", "--out", str(out), *flags])
+    result = CliRunner().invoke(main, ["openvino", "--model", str(checkpoint), "--out", str(out), *flags])
     assert result.exit_code == EXIT_BAD_INPUT, result.output
-    assert "not apply to --to openvino" in result.output and flags[0] in result.output
+    assert "No such option" in result.output and flags[0] in result.output
     assert not out.exists()

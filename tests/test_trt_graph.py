@@ -1,4 +1,4 @@
-"""What TensorRT gets from the gpu-target graph, checked without a GPU or TensorRT.
+"""What TensorRT gets from the gpu-form graph, checked without a GPU or TensorRT.
 
 - The parser reads a copy of ``model.onnx`` with ``TRT_decomposable=1`` on every Attention node, while
   the published file stays standard ONNX that ONNX Runtime loads (``trt_build.parser_graph``).
@@ -20,7 +20,7 @@ import pytest
 from onnx import numpy_helper
 
 from dewey_export import trt_build
-from dewey_export.trt_build import DECOMPOSABLE_ATTRIBUTE, EngineBuildSettings, parser_graph
+from dewey_export.trt_build import DECOMPOSABLE_ATTRIBUTE, TensorRTTarget, parser_graph
 from dewey_export.trt_precision import precision_plan
 from runtimes.export_format import ONNX_FILE
 from runtimes.trt_plan import plan_profiles
@@ -40,10 +40,11 @@ PAST_FP16_INTEGERS = 4100
 @pytest.fixture(scope="module")
 def fp16_graph(checkpoint, tmp_path_factory):
     """The tiny checkpoint's fp16 gpu-target export (opset 23: Attention and RotaryEmbedding nodes)."""
-    from dewey_export.onnx_export import export_onnx
+    from dewey_export.onnx_export import OnnxTarget
+    from dewey_export.pipeline import export
 
     folder = tmp_path_factory.mktemp("gpu-fp16") / "export"
-    return export_onnx(checkpoint, folder, target="gpu", precision="fp16", verify=False, log=lambda m: None).folder
+    return export(checkpoint, folder, OnnxTarget(form="gpu", precision="fp16"), verify=False, log=lambda m: None).folder
 
 
 def attention_nodes(model: onnx.ModelProto) -> list:
@@ -232,7 +233,7 @@ def build(fp16_graph, tmp_path, version="10.15.1.29", precision="fp16", cache=No
         cache_path.write_bytes(cache)
     engine = trt_build._serialize_engine(
         fake, fp16_graph / ONNX_FILE, precision_plan(precision, version), plan_profiles([(512, 8), (2048, 1)], 8192),
-        EngineBuildSettings(precision=precision, **settings), cache_path, log.append)
+        TensorRTTarget(precision=precision, **settings), cache_path, log.append)
     return fake, engine, log
 
 
@@ -352,3 +353,36 @@ def test_the_fp16_graph_gives_finite_vectors_past_fp16_integer_positions(fp16_gr
         got, ref = got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1])
         cosine = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
         assert cosine.min() >= 0.999
+
+
+def test_a_parser_rejection_exits_2_in_one_line_and_writes_nothing(checkpoint, tmp_path, monkeypatch):
+    """TensorRT's parser refusing the graph is an ExportError (before, an uncaught RuntimeError: a
+    traceback), reported by dewey-export trt in one line with the parser's own message."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from dewey_export.cli import main
+
+    class RejectingParser:
+        num_errors = 1
+
+        def parse(self, model, path=None):
+            return False
+
+        def get_error(self, index):
+            return "Attention: no kernel for this head size"
+
+    fake = FakeTensorRT()
+    fake.__version__ = "10.15.1.29"
+    fake.OnnxParser = lambda network, logger: RejectingParser()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_build, "tensorrt_status", lambda: None)
+    monkeypatch.setattr(trt_build, "gpu_identity", lambda: ("Stand-in GPU", "9.0"))
+    out = tmp_path / "engine"
+    result = CliRunner().invoke(main, ["trt", "--model", str(checkpoint), "--out", str(out), "--buckets", "512x8",
+                                       "--timing-cache", str(tmp_path / "timing.cache")])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "parser rejected" in errors[0] and "no kernel for this head size" in errors[0]
+    assert "Traceback" not in result.output and not out.exists()

@@ -359,7 +359,7 @@ def test_cli_refuses_an_old_tensorrt_with_exit_2_before_exporting(monkeypatch, c
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.14.1.48", []))
     out = tmp_path / "engine"
-    result = CliRunner().invoke(main, ["--model", str(checkpoint), "--to", "trt", "--out", str(out)])
+    result = CliRunner().invoke(main, ["trt", "--model", str(checkpoint), "--out", str(out)])
     assert result.exit_code == 2, result.output
     assert "TensorRT 10.14.1.48 is installed" in result.output and ">= 10.15.1" in result.output
     assert list(tmp_path.iterdir()) == []
@@ -437,7 +437,7 @@ def test_malformed_metadata_rejected(text, message):
 
 
 def test_reading_a_missing_metadata_file_says_how_to_build(tmp_path):
-    with pytest.raises(ValueError, match="dewey-export --model CHECKPOINT --to trt --out DIR"):
+    with pytest.raises(ValueError, match="dewey-export trt --model CHECKPOINT --out DIR"):
         EngineMetadata.read(tmp_path)
 
 

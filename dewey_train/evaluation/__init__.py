@@ -1,8 +1,9 @@
 """Evaluation of Dewey students against their teacher (``dewey-train eval``).
 
-- ``metrics``: nDCG@k and recall@k with one relevant document per query, ties ranked pessimistically;
 - ``retrieval``: the four scoring methods (student single / multi-vector, teacher truncated / on the
-  student's chunks) and the long-document retrieval task, queries drawn from the documents' sentences;
+  student's chunks) and the long-document retrieval task, queries drawn from the documents'
+  sentences (the queries and the metrics, nDCG@k and recall@k, live in the torch-free
+  ``runtimes.evaluation``);
 - ``synthetic``: LongEmbed-style passkey and needle documents of set token lengths, built offline, and
   the accuracy of every method on them;
 - ``report``: markdown tables of those results and the full evaluation report;

@@ -12,18 +12,15 @@ sentence of a document the query and the document its answer. Everything is dete
 
 from __future__ import annotations
 
-import re
 import warnings
-from collections import Counter
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
 from runtimes import TruncationWarning
 from runtimes.chunking import check_chunk_args
+from runtimes.evaluation import check_documents, ndcg_at_k, recall_at_k, sample_sentence_queries
 from runtimes.validation import require_int
-
-from .metrics import ndcg_at_k, recall_at_k
 
 METHODS = ("student_single", "student_multi", "teacher_truncated", "teacher_chunks")
 
@@ -39,64 +36,6 @@ class TeacherLike(Protocol):
     def embed(self, texts: list[str]) -> np.ndarray:
         """float32 [N, d], L2-normalised; each text truncated to the teacher's window."""
         ...
-
-
-# -- queries from documents --------------------------------------------------------------------
-
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
-
-
-def _check_documents(documents: Sequence[str], name: str = "documents") -> list[str]:
-    if isinstance(documents, str) or not isinstance(documents, Sequence):
-        raise ValueError(f"{name} must be a list of strings, got {type(documents).__name__}")
-    if len(documents) == 0:
-        raise ValueError(f"{name} is empty: there is nothing to retrieve from")
-    for i, doc in enumerate(documents):
-        if not isinstance(doc, str) or not doc.strip():
-            raise ValueError(f"{name}[{i}] must be a non-empty string")
-    return list(documents)
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text``: split after ``.``, ``!`` or ``?`` followed by whitespace, and at newlines."""
-    return [s.strip() for s in _SENTENCE_BREAK.split(text) if s.strip()]
-
-
-def sample_sentence_queries(
-    documents: Sequence[str], n_queries: int, seed: int = 0, min_words: int = 6, max_words: int = 40
-) -> list[tuple[str, int]]:
-    """Up to ``n_queries`` (sentence, document index) pairs; each sentence occurs in its document.
-
-    Documents are drawn uniformly in rounds (a random order of all documents that have a sentence of
-    ``min_words``..``max_words`` words, one unused sentence each, then again), so a document gives a
-    second query only once every eligible document has given one. Documents with no such sentence are
-    skipped; a sentence found in more than one document is never used (it has no single answer).
-    Fewer than ``n_queries`` pairs come back when the sentences run out.
-    """
-    documents = _check_documents(documents)
-    n_queries = require_int("n_queries", n_queries, 1)
-    min_words = require_int("min_words", min_words, 1)
-    max_words = require_int("max_words", max_words, min_words)
-    rng = np.random.default_rng(seed)
-    per_doc = [
-        list(dict.fromkeys(s for s in split_sentences(doc) if min_words <= len(s.split()) <= max_words))
-        for doc in documents
-    ]
-    owners = Counter(s for sentences in per_doc for s in sentences)
-    remaining = {i: [s for s in sentences if owners[s] == 1] for i, sentences in enumerate(per_doc)}
-    remaining = {i: sentences for i, sentences in remaining.items() if sentences}
-    if not remaining:
-        raise ValueError(f"no document has a sentence of {min_words}..{max_words} words to use as a query")
-    queries: list[tuple[str, int]] = []
-    while remaining and len(queries) < n_queries:
-        for i in rng.permutation(sorted(remaining)):
-            sentences = remaining[int(i)]
-            queries.append((sentences.pop(int(rng.integers(len(sentences)))), int(i)))
-            if not sentences:
-                del remaining[int(i)]
-            if len(queries) == n_queries:
-                break
-    return queries
 
 
 # -- the four scoring methods ------------------------------------------------------------------
@@ -262,7 +201,7 @@ def long_document_retrieval(
     ``splitter`` is the student's chunker (``tokens``: fixed token windows, the authors' 256/64 setting;
     ``words``, ``recursive``); ``teacher_chunks`` embeds the same chunk texts.
     """
-    documents = _check_documents(documents)
+    documents = check_documents(documents)
     check_eval_args(chunk_size, chunk_overlap, splitter, batch_size)
     pairs = _queries_from(documents, n_queries, seed, query_documents)
     queries = [q for q, _ in pairs]

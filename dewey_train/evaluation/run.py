@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import TrainConfig
-from ..data import corpus_stats, split_documents
+from runtimes.corpus import corpus_stats, split_documents
 from .retrieval import long_document_retrieval, student_token_counter
 from .synthetic import DEFAULT_LENGTHS, synthetic_eval
 

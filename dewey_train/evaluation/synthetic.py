@@ -16,7 +16,7 @@ import numpy as np
 from runtimes.corpus import python_doc_topics
 from runtimes.validation import require_int
 
-from .metrics import recall_at_k
+from runtimes.evaluation import recall_at_k
 from .retrieval import METHODS, TeacherLike, TokenCounter, check_eval_args, score_methods, student_token_counter
 
 SYNTHETIC_TASKS = ("passkey", "needle")

@@ -32,15 +32,32 @@ class Backend(Protocol):
     vector_size: int
 
     @classmethod
-    def from_folder(cls, folder: str | Path, device=None, dtype=None, **options) -> Backend:
+    def from_folder(cls, folder: str | Path, device=None, dtype=None, threads: int | None = None,
+                    **options) -> Backend:
         """The backend for a model folder: a checkpoint (torch) or an export folder (onnx, openvino, trt).
-        ``dtype`` is a precision in any spelling of runtimes.precision; ``options`` are the backend's own
-        (the onnx backend's providers and session settings, the openvino backend's threads; the others
-        take none)."""
+        ``dtype`` is a precision in any spelling of runtimes.precision; ``threads`` the CPU threads of the
+        forward pass (None: the CPUs this process may use); ``options`` are the backend's own (the onnx
+        backend's providers and session settings, the openvino backend's properties)."""
 
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, span_bounds: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def contract_inputs(input_ids, attention_mask, span_bounds) -> dict[str, np.ndarray]:
+    """The forward inputs by contract name, as C-contiguous int64 arrays: every backend's one coercion."""
+    arrays = {"input_ids": input_ids, "attention_mask": attention_mask, "span_bounds": span_bounds}
+    return {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in arrays.items()}
+
+
+def backend_for_folder(folder: str | Path) -> str:
+    """The backend that runs ``folder``: its manifest's kind for an export folder (an OpenVINO IR:
+    ``openvino``; a TensorRT engine folder: ``trt``; an ONNX graph: ``onnx``), ``torch`` for a checkpoint."""
+    from ..export_format import MANIFEST_FILE, read_manifest
+
+    if not (Path(folder) / MANIFEST_FILE).exists():
+        return "torch"
+    return {"openvino": "openvino", "tensorrt": "trt", "onnx": "onnx"}[read_manifest(folder).kind]
 
 
 def available_backends() -> tuple[str, ...]:

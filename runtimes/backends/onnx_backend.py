@@ -8,18 +8,19 @@ session's actual providers are checked after it is created.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from ..config import ModelFileError
+from ..errors import MissingDependencyError
 from ..export_format import ONNX_FILE, check_graph_io, read_manifest
 from ..memory import LONG_ROW_TOKENS
 from ..precision import precision_name
 from ..trt_plan import Profile
+from . import contract_inputs
 
-class ProviderUnavailableError(RuntimeError):
+class ProviderUnavailableError(MissingDependencyError, RuntimeError):
     """An execution provider that was asked for is missing from, or failed to start in, onnxruntime."""
 
 
@@ -48,7 +49,7 @@ def tensorrt_provider_options(profile=None, engine_cache_path=None, fp16: bool =
     """Options of ONNX Runtime's TensorRT execution provider for one session.
 
     ``profile``: one optimization profile (a ``runtimes.trt_plan.Profile``, e.g. one of ``plan_profiles``'s,
-    the length buckets of ``dewey-export --to trt``). One per session: the provider builds every profile
+    the length buckets of ``dewey-export trt``). One per session: the provider builds every profile
     it is given, but its execution context stays on profile 0, so inputs of the other profiles fail
     (described by the provider's own fix, microsoft/onnxruntime pull request 31624). For several buckets,
     load one session per bucket and send each batch to the session whose profile covers it.
@@ -105,17 +106,13 @@ def default_session_options(threads: int | None = None):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or available_cpus()
     options.inter_op_num_threads = 1
-    # Memory of a long document (runtimes.memory tells the story for malloc). ONNX Runtime's CPU
-    # arena stays on: it hands freed blocks to later tensors of any size, where without it every
-    # large tensor is a fresh mapping the kernel must fault in and zero (ModernBERT-base shape,
-    # 8,192 tokens, 2 threads, buffer reuse off: 22.5 s and 8.8 M page faults without the arena and
-    # with malloc's mmap threshold at 1 MiB, 0.76 GiB peak RSS; 14.9 s and 0.09 M faults with the
-    # arena). Buffer reuse is off: the planner keeps a freed buffer for a later tensor of the same
-    # size, and on a long document those gaps span layers (same document: 0.85 GiB peak RSS without
-    # it, 1.85 with it, for the same speed). After a run over long rows the arena gives its free
-    # chunks back (``forward``), so the next document starts from the weights again: without that
-    # the arena grew 2.10 -> 3.78 GiB over repeated 128k-token runs (tiny shape); with it every run
-    # peaks at 2.10.
+    # Memory of a long document (runtimes.memory tells the story for malloc; the measurements are in
+    # docs/benchmarks.md, "Decisions in the code"). ONNX Runtime's CPU arena stays on: it hands freed
+    # blocks to later tensors of any size, where without it every large tensor is a fresh mapping the
+    # kernel must fault in and zero (a third slower at 8k tokens). Buffer reuse is off: the planner keeps
+    # a freed buffer for a later tensor of the same size, and on a long document those gaps span layers
+    # (twice the peak memory for the same speed). After a run over long rows the arena gives its free
+    # chunks back (``forward``), so the next document starts from the weights again instead of growing.
     options.enable_mem_reuse = False
     return options
 
@@ -123,8 +120,7 @@ def default_session_options(threads: int | None = None):
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, model_path: str | Path, providers=None, intra_op_num_threads: int | None = None,
-                 session_options=None):
+    def __init__(self, model_path: str | Path, providers=None, threads: int | None = None, session_options=None):
         import onnxruntime as ort
 
         model_path = Path(model_path)
@@ -140,7 +136,7 @@ class OnnxBackend:
                 "instead of onnxruntime (never both)"
             )
         if session_options is None:
-            session_options = default_session_options(intra_op_num_threads)
+            session_options = default_session_options(threads)
         self.session_options = session_options
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=session_options, providers=providers)
@@ -166,43 +162,32 @@ class OnnxBackend:
                        {o.name: o.type for o in self.session.get_outputs()}, _ORT_TYPES)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, device=None, dtype=None, **options) -> "OnnxBackend":
+    def from_folder(cls, folder: str | Path, device=None, dtype=None, threads: int | None = None,
+                    **options) -> "OnnxBackend":
         """The graph of an export folder; ``runtimes.load`` has compared the folder's files with the
         manifest before this reads anything. ``dtype``, when given, must name the graph's precision (in
-        any spelling of runtimes.precision)."""
+        any spelling of runtimes.precision). ``options``: ``providers``, ``tensorrt_options``,
+        ``session_options`` (whose own thread count then wins over ``threads``)."""
         folder = Path(folder)
         if not (folder / ONNX_FILE).is_file():
             raise ModelFileError(
                 f"{folder} has no {ONNX_FILE}; export the checkpoint first: "
-                f"dewey-export --model {folder} --to onnx --out EXPORT_DIR"
+                f"dewey-export onnx --model {folder} --out EXPORT_DIR"
             )
         manifest = read_manifest(folder)
-        if dtype is not None and precision_name(dtype) != manifest["precision"]:
+        if dtype is not None and precision_name(dtype) != manifest.precision:
             raise ValueError(
-                f"{folder} holds a graph of precision {manifest['precision']}; the onnx backend runs the "
+                f"{folder} holds a graph of precision {manifest.precision}; the onnx backend runs the "
                 f"precision a graph was exported in, so dtype={dtype!r} cannot be honoured"
             )
-        if manifest["parity"].get("passed") is False:
-            warnings.warn(
-                f"{folder} failed its parity check at export time (see parity in {folder}/dewey_export.json)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
         providers = options.pop("providers", None) or providers_for(device, options.pop("tensorrt_options", None))
-        return cls(folder / ONNX_FILE, providers=providers, **options)
+        return cls(folder / ONNX_FILE, providers=providers, threads=threads, **options)
 
     def __repr__(self) -> str:
         return f"OnnxBackend(providers={self.providers}, threads={self.session_options.intra_op_num_threads})"
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, span_bounds: np.ndarray):
         long_rows = np.shape(input_ids)[-1] > LONG_ROW_TOKENS
-        cls, spans = self.session.run(
-            ["cls", "spans"],
-            {
-                "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-                "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
-                "span_bounds": np.ascontiguousarray(span_bounds, dtype=np.int64),
-            },
-            self._shrink_arena if long_rows else None,
-        )
+        cls, spans = self.session.run(["cls", "spans"], contract_inputs(input_ids, attention_mask, span_bounds),
+                                      self._shrink_arena if long_rows else None)
         return cls, spans

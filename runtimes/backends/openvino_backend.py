@@ -1,6 +1,6 @@
 """OpenVINO backend: imports numpy and openvino only (plus the standard library).
 
-Runs the IR of a ``dewey-export --to openvino`` folder on OpenVINO's CPU plugin. The IR holds fp32
+Runs the IR of a ``dewey-export openvino`` folder on OpenVINO's CPU plugin. The IR holds fp32
 weights (int8 ones after an int8 export); the precision of the arithmetic is chosen when the model is
 compiled (the CPU plugin's INFERENCE_PRECISION_HINT): bf16 where the CPU has native bfloat16 (AMX or
 AVX512-BF16), else fp32. Under bf16, the nodes the exporter marked (LayerNorm, softmax, the rotary
@@ -11,16 +11,18 @@ thread: a request is not safe to share, and the compiled model schedules concurr
 from __future__ import annotations
 
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from ..config import ModelFileError
-from ..export_format import OPENVINO_KEY, OPENVINO_XML_FILE, check_graph_io, read_manifest
+from ..export_format import OPENVINO_XML_FILE, check_graph_io, read_manifest
 from ..precision import precision_name
+from . import contract_inputs
 from .onnx_backend import available_cpus
 
+# Weight-only int8, as dewey-export openvino --precision int8 writes it.
+INT8_WEIGHTS = "int8"
 # The CPU plugin's OPTIMIZATION_CAPABILITIES entry for native bfloat16 arithmetic.
 BF16_CAPABILITY = "BF16"
 # The CPU plugin's INFERENCE_PRECISION_HINT for each precision this backend runs.
@@ -49,11 +51,20 @@ def inference_precision(requested, has_bf16: bool, exported: str = "fp32") -> st
     return precision
 
 
+def ir_weights(model) -> str:
+    """``int8`` when the IR's weights are int8 (nncf's compressed constants, int8 or uint8), else ``fp32``."""
+    import openvino as ov
+
+    compressed = (ov.Type.i8, ov.Type.u8)
+    return INT8_WEIGHTS if any(op.get_type_name() == "Constant" and op.get_element_type() in compressed
+                               for op in model.get_ops()) else "fp32"
+
+
 class OpenVINOBackend:
     name = "openvino"
 
     def __init__(self, model_path: str | Path, precision: str = "fp32", threads: int | None = None,
-                 weights: str = "fp32", properties: dict | None = None):
+                 properties: dict | None = None):
         import openvino as ov
 
         model_path = Path(model_path)
@@ -63,7 +74,8 @@ class OpenVINOBackend:
         precision = inference_precision(precision, cpu_has_bf16(core))
         self.threads = threads or available_cpus()
         try:
-            self.compiled = core.compile_model(str(model_path), "CPU", {
+            model = core.read_model(str(model_path))
+            self.compiled = core.compile_model(model, "CPU", {
                 "INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[precision],
                 "INFERENCE_NUM_THREADS": self.threads,
                 # One stream running each request on all threads: one call's latency, as the other backends.
@@ -75,7 +87,8 @@ class OpenVINOBackend:
         # What the plugin really compiled with, which is what the repr reports.
         compiled_hint = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.precision = {hint: name for name, hint in INFERENCE_PRECISIONS.items()}[compiled_hint]
-        self.weights = weights
+        # Read from the graph, never from a label: what the checks' limits and the repr say it runs.
+        self.weights = ir_weights(model)
         self._check_io(model_path)
         self.vector_size = self.compiled.output("cls").get_partial_shape()[-1].get_length()
         self._local = threading.local()
@@ -87,7 +100,8 @@ class OpenVINOBackend:
         check_graph_io(model_path, described(self.compiled.inputs), described(self.compiled.outputs), _OV_TYPES)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, device=None, dtype=None, **options) -> "OpenVINOBackend":
+    def from_folder(cls, folder: str | Path, device=None, dtype=None, threads: int | None = None,
+                    **options) -> "OpenVINOBackend":
         """The IR of an export folder; ``runtimes.load`` has compared the folder's files with the manifest
         before this reads anything. ``dtype`` None runs the export's precision (fp32 where the CPU has no
         bfloat16); fp32 or bf16 choose. ``options``: ``threads`` (default: the CPUs this process may use),
@@ -96,23 +110,19 @@ class OpenVINOBackend:
         if device is not None and str(device) != "cpu":
             raise ValueError(f"the openvino backend runs on the CPU (device 'cpu'), got {device!r}")
         manifest = read_manifest(folder)
-        if OPENVINO_KEY not in manifest or not (folder / OPENVINO_XML_FILE).is_file():
+        if manifest.kind != "openvino" or not (folder / OPENVINO_XML_FILE).is_file():
             raise ModelFileError(
                 f"{folder} holds no OpenVINO export; make one with: "
-                f"dewey-export --model CHECKPOINT --to openvino --out {folder}"
+                f"dewey-export openvino --model CHECKPOINT --out {folder}"
             )
-        for report in ("parity", "gate"):
-            if manifest.get(report, {}).get("passed") is False:
-                warnings.warn(
-                    f"{folder} failed its {report} check at export time (see {report} in {folder}/dewey_export.json)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
         import openvino as ov
 
-        precision = inference_precision(dtype, cpu_has_bf16(ov.Core()), exported=manifest["precision"])
-        return cls(folder / OPENVINO_XML_FILE, precision=precision, weights=manifest[OPENVINO_KEY]["weights"],
-                   **options)
+        precision = inference_precision(dtype, cpu_has_bf16(ov.Core()), exported=manifest.precision)
+        backend = cls(folder / OPENVINO_XML_FILE, precision=precision, threads=threads, **options)
+        if backend.weights != manifest.graph.get("weights"):
+            raise ModelFileError(f"{folder}: the manifest says {manifest.graph.get('weights')!r} weights but the IR "
+                                 f"holds {backend.weights} weights; export again")
+        return backend
 
     def __repr__(self) -> str:
         return f"OpenVINOBackend(precision={self.precision!r}, weights={self.weights!r}, threads={self.threads})"
@@ -125,9 +135,5 @@ class OpenVINOBackend:
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, span_bounds: np.ndarray):
         # infer copies the outputs out of the request (share_outputs=False), so they outlive the next call.
-        outputs = self._request().infer({
-            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-            "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
-            "span_bounds": np.ascontiguousarray(span_bounds, dtype=np.int64),
-        })
+        outputs = self._request().infer(contract_inputs(input_ids, attention_mask, span_bounds))
         return outputs["cls"], outputs["spans"]

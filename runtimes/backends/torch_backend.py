@@ -15,6 +15,8 @@ from ..attention import set_length_policy
 from ..memory import tune_for_length
 from ..modeling import DeweyModel, reduce_precision
 from ..precision import FULL_NAMES, precision_name
+from ..validation import require_int
+from . import contract_inputs
 
 # What this backend runs: fp16 overflows in Dewey's activations (its authors run it in bf16).
 TORCH_PRECISIONS = ("fp32", "bf16")
@@ -45,8 +47,11 @@ def resolve_dtype(dtype) -> torch.dtype:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: DeweyModel, device=None, dtype=None):
+    def __init__(self, model: DeweyModel, device=None, dtype=None, threads: int | None = None):
         self.device = resolve_device(device)
+        if threads is not None:  # torch's intra-op pool is per process: this sets it for every model
+            torch.set_num_threads(require_int("threads", threads, 1))
+        self.threads = torch.get_num_threads()
         self.dtype = resolve_dtype(dtype)
         self.model = reduce_precision(model, self.dtype).to(device=self.device).eval()
         if model.attention == "linear":
@@ -54,18 +59,15 @@ class TorchBackend:
         self.vector_size = model.vector_size
 
     @classmethod
-    def from_folder(cls, folder: str | Path, device=None, dtype=None) -> "TorchBackend":
-        return cls(DeweyModel.from_pretrained(folder), device=device, dtype=dtype)
+    def from_folder(cls, folder: str | Path, device=None, dtype=None, threads: int | None = None) -> "TorchBackend":
+        return cls(DeweyModel.from_pretrained(folder), device=device, dtype=dtype, threads=threads)
 
     def __repr__(self) -> str:
         return f"TorchBackend(device={str(self.device)!r}, dtype={precision_name(self.dtype)!r})"
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, span_bounds: np.ndarray):
         tune_for_length(np.shape(input_ids)[-1])  # long rows: freed activations go back to the system
+        inputs = contract_inputs(input_ids, attention_mask, span_bounds)
         with torch.inference_mode():
-            cls, spans = self.model(
-                torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.device),
-                torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64)).to(self.device),
-                torch.from_numpy(np.ascontiguousarray(span_bounds, dtype=np.int64)).to(self.device),
-            )
+            cls, spans = self.model(*(torch.from_numpy(array).to(self.device) for array in inputs.values()))
         return cls.float().cpu().numpy(), spans.float().cpu().numpy()

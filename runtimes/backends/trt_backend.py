@@ -1,4 +1,4 @@
-"""TensorRT backend: runs ``model.plan`` from a ``dewey-export --to trt`` folder (TensorRT 10.x / 11.x).
+"""TensorRT backend: runs ``model.plan`` from a ``dewey-export trt`` folder (TensorRT 10.x / 11.x).
 
 The same forward contract as every backend. The engine holds one optimization profile per length
 bucket (runtimes.trt_plan); each call picks the smallest profile that covers its (batch, sequence,
@@ -18,15 +18,19 @@ import numpy as np
 from ..config import ModelFileError
 from ..export_format import INPUTS, OUTPUTS
 from ..trt_plan import ENGINE_FILE, EngineMetadata, check_engine_compatible, select_profile
+from ..validation import require_int
+from . import contract_inputs
 
 
 class TensorRTBackend:
     name = "trt"
 
-    def __init__(self, folder: str | Path, device=None):
+    def __init__(self, folder: str | Path, device=None, threads: int | None = None):
         import tensorrt as trt
         import torch
 
+        if threads is not None:  # the host side (copies to and from the GPU) runs on torch's pool
+            torch.set_num_threads(require_int("threads", threads, 1))
         folder = Path(folder)
         self.metadata = EngineMetadata.read(folder)
         self.device = torch.device("cuda" if device is None else device)
@@ -38,7 +42,7 @@ class TensorRTBackend:
             warnings.warn(f"{folder}: {note}", RuntimeWarning, stacklevel=3)
         plan_path = folder / ENGINE_FILE
         if not plan_path.is_file():
-            raise ModelFileError(f"{folder} has no {ENGINE_FILE}; build it with dewey-export --to trt")
+            raise ModelFileError(f"{folder} has no {ENGINE_FILE}; build it with dewey-export trt")
         # TensorRT binds an engine, and the contexts made from it, to the CUDA device that is current when
         # it is deserialized (TensorRT FAQ, "How do I use TensorRT on multiple GPUs?"); the buffers and
         # the stream live on self.device, so everything is made with that device current.
@@ -63,10 +67,10 @@ class TensorRTBackend:
         self.vector_size = int(self.engine.get_tensor_shape("cls")[-1])
 
     @classmethod
-    def from_folder(cls, folder, device=None, dtype=None) -> "TensorRTBackend":
+    def from_folder(cls, folder, device=None, dtype=None, threads: int | None = None) -> "TensorRTBackend":
         if dtype is not None:
             raise ValueError("the trt backend runs the precision its engine was built in (engine.json); drop dtype")
-        return cls(folder, device=device)
+        return cls(folder, device=device, threads=threads)
 
     def __repr__(self) -> str:
         return (f"TensorRTBackend(device={str(self.device)!r}, precision={self.metadata.precision!r}, "
@@ -86,7 +90,7 @@ class TensorRTBackend:
         torch = self._torch
         batch, seq = input_ids.shape
         profile = select_profile(self.metadata.profiles, batch, seq, span_bounds.shape[1])
-        arrays = {"input_ids": input_ids, "attention_mask": attention_mask, "span_bounds": span_bounds}
+        arrays = contract_inputs(input_ids, attention_mask, span_bounds)
         # Enqueued with the engine's device current, whichever device the calling thread had selected.
         with self._lock, torch.cuda.device(self.device), torch.cuda.stream(self._stream):
             if profile != self._active_profile:
@@ -94,8 +98,7 @@ class TensorRTBackend:
                 self._active_profile = profile
             buffers = {}
             for name in INPUTS:
-                tensor = torch.from_numpy(np.ascontiguousarray(arrays[name], dtype=np.int64)).to(
-                    self.device, non_blocking=True)
+                tensor = torch.from_numpy(arrays[name]).to(self.device, non_blocking=True)
                 self.context.set_input_shape(name, tuple(tensor.shape))
                 buffers[name] = tensor
             for name in OUTPUTS:

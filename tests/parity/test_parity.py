@@ -41,21 +41,23 @@ def _tensorrt_probe():
 
 
 def _build_tensorrt(checkpoint, tmp_path_factory, precision: str):
-    from dewey_export.trt_build import EngineBuildSettings, build_engine_folder
+    from dewey_export.pipeline import export
+    from dewey_export.trt_build import TensorRTTarget
 
     folder = tmp_path_factory.mktemp("trt") / f"engine-{precision}"
     # Small buckets: enough for the parity texts (a few thousand tokens), quick to build.
-    settings = EngineBuildSettings(precision=precision, buckets="512x8,8192x2")
+    settings = TensorRTTarget(precision=precision, buckets="512x8,8192x2")
     # Not verified by the builder: this suite is the comparison.
-    result = build_engine_folder(checkpoint, folder, settings, verify=False, log=lambda m: None)
+    result = export(checkpoint, folder, settings, verify=False, log=lambda m: None)
     return runtimes.load(result.folder, backend="trt")
 
 
 def _fp16_export(checkpoint, tmp_path_factory):
-    from dewey_export.onnx_export import export_onnx
+    from dewey_export.onnx_export import OnnxTarget
+    from dewey_export.pipeline import export
 
     folder = tmp_path_factory.mktemp("fp16") / "onnx-fp16"
-    return runtimes.load(export_onnx(checkpoint, folder, precision="fp16", log=lambda m: None).folder, backend="onnx")
+    return runtimes.load(export(checkpoint, folder, OnnxTarget(precision="fp16"), log=lambda m: None).folder, backend="onnx")
 
 
 # name -> (probe returning a skip reason or None, loader(checkpoint, request), precision of its vectors)

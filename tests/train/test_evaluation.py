@@ -15,15 +15,13 @@ import zlib
 import numpy as np
 import pytest
 
-from dewey_train.evaluation.metrics import ndcg_at_k, recall_at_k
 from dewey_train.evaluation.report import format_table
 from dewey_train.evaluation.retrieval import (
     METHODS,
     long_document_retrieval,
-    sample_sentence_queries,
-    split_sentences,
     student_token_counter,
 )
+from runtimes.evaluation import ndcg_at_k, recall_at_k, sample_sentence_queries, split_sentences
 from dewey_train.evaluation.synthetic import (
     evaluate_synthetic_task,
     make_needle_task,

