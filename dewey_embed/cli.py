@@ -65,8 +65,9 @@ def _log(message: str) -> None:
               help="Files to read in an INPUT folder (repeatable); default: **/*.txt **/*.md **/*.markdown "
                    "**/*.rst **/*.jsonl **/*.ndjson **/*.parquet.")
 @click.option("--max-length", type=click.IntRange(min=1),
-              help="Tokens per document row, prompt and special tokens included; longer documents are cut "
-                   "(truncated_tokens). Default: the model's maximum.")
+              help="Tokens per document row, prompt and special tokens included. Without --chunks longer "
+                   "documents are cut (truncated_tokens); with --chunks they run in overlapping windows of "
+                   "this length and nothing is cut. Default: the model's maximum.")
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH_TOKENS, show_default=True,
               help="Padded tokens per forward batch.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=DEFAULT_SHARD_SIZE, show_default=True,

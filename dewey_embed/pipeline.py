@@ -125,13 +125,15 @@ class BatchEmbedder:
         vectors = np.zeros((len(rows), self.encoder.vector_size), dtype=np.float32)
         documents = self._embed([rows[i]["text"] for i in pending], vectors, pending)
 
+        # With chunks, a document over the row runs in windows (Encoder.encode_chunks): nothing is cut.
+        budget = float("inf") if self.options.chunks else self._budget
         columns = {
             "id": [row["id"] for row in rows],
             "source": [row["source"] for row in rows],
             "status": status,
             "error": errors,
-            "n_tokens": [min(n, self._budget) if ok else None for n, ok in zip(n_tokens, embedded)],
-            "truncated_tokens": [max(n - self._budget, 0) if ok else None for n, ok in zip(n_tokens, embedded)],
+            "n_tokens": [min(n, budget) if ok else None for n, ok in zip(n_tokens, embedded)],
+            "truncated_tokens": [max(n - budget, 0) if ok else None for n, ok in zip(n_tokens, embedded)],
         }
         arrays = [pa.array(values, type=self.schema.field(name).type) for name, values in columns.items()]
         arrays.append(_vectors(vectors, null=~embedded))
