@@ -47,17 +47,17 @@ SHAPES = {
 
 
 def real_document(encoder, n_tokens: int) -> str:
-    """Real prose of at least ``n_tokens`` tokens, cut at a token boundary to exactly that many."""
+    """Real prose of exactly ``n_tokens`` tokens: the Python docs' topics, longest first, repeated as
+    often as needed and cut at a token boundary."""
     from pydoc_data.topics import topics
 
-    names = sorted(topics, key=lambda name: -len(topics[name]))
-    text, i = "", 0
+    corpus = "\n\n".join(topics[name] for name in sorted(topics, key=lambda name: -len(topics[name])))
+    text = corpus
     while True:
-        text += topics[names[i % len(names)]] + "\n\n"
-        i += 1
         offsets = encoder.tokenizer.encode_texts([text])[0].offsets
         if len(offsets) >= n_tokens:
             return text[: int(offsets[n_tokens - 1, 1])]
+        text = "\n\n".join([text] * (n_tokens // len(offsets) + 1))
 
 
 def model(name: str, workdir: Path):

@@ -86,6 +86,7 @@ def test_span_pieces_reassemble_each_span_exactly(layout, data):
 
 def test_overlap_default_and_checks():
     assert default_window_overlap(131070) == DEFAULT_WINDOW_OVERLAP
+    assert default_window_overlap(1000) == DEFAULT_WINDOW_OVERLAP == 128
     assert default_window_overlap(100) == 25
     assert check_window_overlap(None, 40) == 10
     with pytest.raises(ValueError, match=r"window_overlap \(40\) must be smaller than a window's 40 text tokens"):
