@@ -63,9 +63,43 @@ class _Job:
     tokens: list[TextTokens]
     kept: list[int]  # text tokens kept per text; the rest were cut by truncation
     rows: list[np.ndarray]  # int64: [CLS] prompt text[:kept] [SEP]
-    text_start: int  # row position of every text's first token
+    text_starts: list[int]  # row position of each text's first token
     normalize: bool
     show_progress: bool | None
+    prompt_tokens: int = 0  # the prompt's tokens, tokenized alone
+
+
+def prefixed_tokens(joined: list[TextTokens], kept: list[int], prompt_chars: int) -> tuple[list[TextTokens], list[int], list[int]]:
+    """Split tokenizations of ``prompt + text`` (the "prefix" prompt style) at the prompt's end: the
+    text's tokens (every token that ends inside the text, so a token straddling the boundary, such as
+    " word" after a prompt ending in a space, is the text's first), with offsets into the text; the
+    text tokens kept of ``kept`` joined ones; and the prompt's token count in each."""
+    tokens, text_kept, prompt_counts = [], [], []
+    for tok, n in zip(joined, kept):
+        first = int(np.searchsorted(tok.offsets[:, 1], prompt_chars, side="right"))
+        if n <= first:
+            raise ValueError(f"max_length leaves no room for text after the prompt ({first} tokens)")
+        offsets = np.maximum(tok.offsets[first:] - prompt_chars, 0)
+        tokens.append(TextTokens(tok.ids[first:], offsets))
+        text_kept.append(n - first)
+        prompt_counts.append(first)
+    return tokens, text_kept, prompt_counts
+
+
+def truncate_dimensions(vectors: np.ndarray, dimensions: int | None, allowed: tuple[int, ...], normalize: bool):
+    """Matryoshka truncation: the first ``dimensions`` values, re-normalised when ``normalize``; only
+    the dimensions the model declares (``allowed``) and its full size are accepted."""
+    if dimensions is None:
+        return vectors
+    full = vectors.shape[-1]
+    dimensions = require_int("dimensions", dimensions, 1)
+    if dimensions != full and dimensions not in allowed:
+        raise ValueError(
+            f"dimensions={dimensions} is not one this model was trained for "
+            f"({', '.join(map(str, allowed)) or 'it declares no Matryoshka dimensions'}; full size {full})"
+        )
+    out = vectors[..., :dimensions]
+    return l2_normalize(out).astype(np.float32, copy=False) if normalize else np.ascontiguousarray(out)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -90,10 +124,11 @@ def single_vectors(cls: np.ndarray, mean: np.ndarray, mode: str, normalize: bool
 class Encoder:
     """One encode API over any backend (see ``runtimes.load``)."""
 
-    def __init__(self, config: DeweyConfig, tokenizer: DeweyTokenizer, backend: Backend):
+    def __init__(self, config: DeweyConfig, tokenizer: DeweyTokenizer, backend: Backend, source=None):
         self.config = config
         self.tokenizer = tokenizer
         self.backend = backend
+        self.source = source  # the runtimes.model_source.ModelSource a model folder was read as, if any
         self._recursive = RecursiveSplitter(tokenizer.tokenizer)
 
     @property
@@ -101,7 +136,8 @@ class Encoder:
         return self.config.vector_size
 
     def __repr__(self) -> str:
-        return f"Encoder(backend={self.backend!r}, vector_size={self.vector_size})"
+        source = "" if self.source is None else f", source={self.source!r}"
+        return f"Encoder(backend={self.backend!r}, vector_size={self.vector_size}{source})"
 
     def encode(
         self,
@@ -118,20 +154,27 @@ class Encoder:
         normalize_embeddings: bool | None = None,
         show_progress_bar: bool | None = None,
         prompt_name: str | None = None,
+        dimensions: int | None = None,
     ) -> np.ndarray:
         """One vector per text: float32 [N, D] (or [D] for a single string), in input order.
 
         texts: a string, or a sequence of strings (list, tuple, 1-d numpy array); a dict, a set or an
         iterator raises TypeError (no order to match the vectors to), and an empty text or one holding
         a lone surrogate raises ValueError naming its index.
-        mode: ``cls``, ``mean`` (text tokens only) or ``cls_add_mean`` =
-        normalize(normalize(cls) + normalize(mean)); default: the model's ``single_vector_type``.
+        mode: ``cls``, ``mean`` or ``cls_add_mean`` = normalize(normalize(cls) + normalize(mean));
+        default: the model's ``single_vector_type``. ``mean`` averages the tokens of the model's span
+        rule (``config.mean_tokens``): the text's own tokens for Dewey models, every attended token for
+        sentence-transformers models (docs/models.md).
         prompt_name: a prompt name of the model (``query``, ``passage``); prompt: such a name or a
-        literal prompt string. normalize_embeddings (alias normalize): True (the default) or False;
+        literal prompt string; neither: the model's ``default_prompt_name``, if it has one (pass
+        prompt="" for none). normalize_embeddings (alias normalize): True or False (default: the
+        model's, True unless a sentence-transformers model has no Normalize module);
         show_progress_bar (alias show_progress): True, False or None (automatic). Giving both spellings
         of one option raises TypeError.
         truncate: cut texts longer than ``max_length`` (default: the model's maximum) and warn with a
         ``TruncationWarning``; with False such a text raises ValueError instead.
+        dimensions: keep the first N values of each vector (Matryoshka), then normalise again; only the
+        dimensions the model declares (``config.matryoshka_dimensions``) are accepted.
         """
         mode = self._mode(mode)
         job = self._prepare(
@@ -140,9 +183,10 @@ class Encoder:
         )
         if job is None:
             return np.zeros((0, self.vector_size), dtype=np.float32)
-        spans = [np.array([[job.text_start, job.text_start + n]], dtype=np.int64) for n in job.kept]
+        spans = [np.array([self._mean_span(job, i)], dtype=np.int64) for i in range(len(job.rows))]
         cls, means = self._forward_rows(job.rows, spans, batch_size, max_batch_tokens, job.show_progress)
         out = single_vectors(cls, np.stack([m[0] for m in means]), mode, job.normalize)
+        out = truncate_dimensions(out, dimensions, self.config.matryoshka_dimensions, job.normalize)
         return out[0] if job.single else out
 
     def encode_chunks(
@@ -163,6 +207,7 @@ class Encoder:
         normalize_embeddings: bool | None = None,
         show_progress_bar: bool | None = None,
         prompt_name: str | None = None,
+        dimensions: int | None = None,
     ) -> list[ChunkedDocument] | ChunkedDocument:
         """Late chunking: one pass over each whole text, one vector per chunk (the mean of its tokens).
 
@@ -170,7 +215,8 @@ class Encoder:
         of the model's tokenizer; splitter is ``tokens`` (fixed windows on token ids), ``words``
         (windows ending at word boundaries) or ``recursive`` (paragraph, line, sentence, word
         boundaries); the spans come from ``runtimes.chunking.chunk_spans``. Each document also carries
-        its single ``vector`` in ``mode`` (as for ``encode``), pooled from the same pass.
+        its single ``vector`` in ``mode`` (as for ``encode``), pooled from the same pass. Chunks are
+        always means of their own text tokens, whatever the model's span rule for ``mean``.
         """
         check_chunk_args(chunk_size, chunk_overlap, splitter)
         mode = self._mode(mode)
@@ -186,17 +232,19 @@ class Encoder:
         ]
         # One pass per text: its chunk spans, then the whole text's span (the `mean` of its vector).
         row_spans = [
-            np.concatenate([s + job.text_start, [[job.text_start, job.text_start + n]]]).astype(np.int64)
-            for s, n in zip(token_spans, job.kept)
+            np.concatenate([s + start, [self._mean_span(job, i)]]).astype(np.int64)
+            for i, (s, start) in enumerate(zip(token_spans, job.text_starts))
         ]
         cls, span_vectors = self._forward_rows(job.rows, row_spans, batch_size, max_batch_tokens, job.show_progress)
         doc_vectors = single_vectors(cls, np.stack([v[-1] for v in span_vectors]), mode, job.normalize)
+        doc_vectors = truncate_dimensions(doc_vectors, dimensions, self.config.matryoshka_dimensions, job.normalize)
         docs = []
         for i, (text, tok, n, spans) in enumerate(zip(job.texts, job.tokens, job.kept, token_spans)):
             chars = char_spans(tok.offsets, spans)
             vectors = span_vectors[i][:-1]
             if job.normalize:
                 vectors = l2_normalize(vectors)
+            vectors = truncate_dimensions(vectors, dimensions, self.config.matryoshka_dimensions, job.normalize)
             docs.append(
                 ChunkedDocument(
                     vectors=vectors.astype(np.float32, copy=False),
@@ -211,6 +259,17 @@ class Encoder:
 
     # -- shared steps --------------------------------------------------------------------------
 
+    def _mean_span(self, job: _Job, i: int) -> tuple[int, int]:
+        """The row span the single-vector ``mean`` of row ``i`` averages, by the model's span rule
+        (runtimes.config.MEAN_TOKEN_RULES)."""
+        rule, end = self.config.mean_tokens, len(job.rows[i])
+        if rule == "attended":
+            return 0, end
+        if rule == "after_prompt":
+            # sentence-transformers masks [CLS] and the prompt tokenized alone, only when there is a prompt.
+            return (1 + job.prompt_tokens if job.prompt_tokens else 0), end
+        return job.text_starts[i], job.text_starts[i] + job.kept[i]
+
     def _mode(self, mode: str | None) -> str:
         mode = self.config.single_vector_type if mode is None else mode
         if mode not in SINGLE_VECTOR_TYPES:
@@ -224,7 +283,7 @@ class Encoder:
         """The common start of encode and encode_chunks: check the switches (each under either spelling)
         and the texts, tokenize, truncate and lay out the rows. None for an empty sequence of texts."""
         spelling, normalize = one_spelling("normalize_embeddings", normalize_embeddings, "normalize", normalize)
-        normalize = True if normalize is None else require_bool(spelling, normalize)
+        normalize = self.config.normalize_embeddings if normalize is None else require_bool(spelling, normalize)
         truncate = require_bool("truncate", truncate)
         spelling, show_progress = one_spelling("show_progress_bar", show_progress_bar, "show_progress", show_progress)
         show_progress = require_bool(spelling, show_progress, allow_none=True)
@@ -232,19 +291,33 @@ class Encoder:
         texts, single = check_texts(texts)
         if not texts:
             return None
+        if prompt is None and self.config.default_prompt_name is not None:
+            prompt, prompt_spelling = self.config.default_prompt_name, "prompt_name"
         prompt_ids = self.tokenizer.prompt_ids(prompt, name_only=prompt_spelling == "prompt_name")
         max_length = self._max_length(max_length)
+        if self.config.prompt_style == "prefix" and len(prompt_ids):
+            # The prompt string joins the text before tokenization, as sentence-transformers does.
+            prompt_text = self.tokenizer.resolve_prompt(prompt, name_only=prompt_spelling == "prompt_name")
+            joined = self.tokenizer.encode_texts([prompt_text + text for text in texts])
+            no_prompt = prompt_ids[:0]
+            kept = self._apply_truncation(joined, self.tokenizer.text_budget(no_prompt, max_length), truncate, max_length)
+            rows = [self.tokenizer.row(no_prompt, t.ids[:n]) for t, n in zip(joined, kept)]
+            tokens, kept, prompt_counts = prefixed_tokens(joined, kept, len(prompt_text))
+            starts = [1 + count for count in prompt_counts]
+            return _Job(texts, single, tokens, kept, rows, starts, normalize, show_progress, len(prompt_ids))
         budget = self.tokenizer.text_budget(prompt_ids, max_length)
         tokens = self.tokenizer.encode_texts(texts)
         kept = self._apply_truncation(tokens, budget, truncate, max_length)
         rows = [self.tokenizer.row(prompt_ids, t.ids[:n]) for t, n in zip(tokens, kept)]
-        return _Job(texts, single, tokens, kept, rows, 1 + len(prompt_ids), normalize, show_progress)
+        return _Job(texts, single, tokens, kept, rows, [1 + len(prompt_ids)] * len(rows), normalize, show_progress,
+                    len(prompt_ids))
 
     def _max_length(self, max_length: int | None) -> int:
-        """The row length asked for, checked against the model's positions (None: all of them)."""
+        """The row length asked for, checked against the model's positions (None: the model's
+        max_seq_length, else all its positions)."""
         limit = self.config.max_position_embeddings
         if max_length is None:
-            return limit
+            return self.config.max_seq_length or limit
         max_length = require_int("max_length", max_length, 1)
         if max_length > limit:
             raise ValueError(f"max_length={max_length} exceeds the model's maximum of {limit} positions")
