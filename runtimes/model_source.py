@@ -82,8 +82,8 @@ class HeadLayer:
     out_features: int
     activation: str = "identity"
 
-    def describe(self) -> dict:
-        return {"file": self.file.name, "weight": self.weight, "bias": self.bias,
+    def describe(self, folder: Path) -> dict:
+        return {"file": str(self.file.relative_to(folder)), "weight": self.weight, "bias": self.bias,
                 "shape": [self.out_features, self.in_features], "activation": self.activation}
 
 
@@ -117,7 +117,7 @@ class ModelSource:
     def describe(self) -> dict:
         """The export manifest's record of where the model came from and what was read as its head."""
         out = {"layout": self.layout, "backbone_prefix": self.backbone_prefix,
-               "head": [layer.describe() for layer in self.head]}
+               "head": [layer.describe(self.folder) for layer in self.head]}
         if self.ignored:
             out["ignored_tensors"] = list(self.ignored)
         if self.hub:
