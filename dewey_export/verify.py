@@ -33,7 +33,7 @@ INT8_WEIGHTS = "int8"
 def check_checkpoint(checkpoint, head=None) -> ModelSource:
     """The model source of ``checkpoint`` (a folder of any layout runtimes.model_source reads, a Hub id,
     or a ModelSource), with its tokenizer; the callers pass it on rather than read it again."""
-    if isinstance(checkpoint, (str, Path)) and Path(checkpoint).is_absolute() and not Path(checkpoint).is_dir():
+    if isinstance(checkpoint, (str, Path)) and Path(checkpoint).is_absolute() and not Path(checkpoint).exists():
         raise ModelFileError(f"model folder {checkpoint} does not exist")
     source = resolve_model(checkpoint, head=head)
     if not (source.tokenizer_folder / TOKENIZER_FILE).is_file():

@@ -103,3 +103,19 @@ def test_hf_hub_cache_wins_over_hf_home(hub_cache, monkeypatch, tmp_path):
     assert hub_cache_dir() == tmp_path / "elsewhere"
     with pytest.raises(ModelFileError, match="nothing is cached"):
         runtimes.load("org/tiny-dewey")
+
+
+def test_hub_ids_and_model_sources_resolve_without_torch(hub_cache):
+    """The ONNX Runtime path stays torch-free: resolving a Hub id and describing the model read headers
+    and JSON only."""
+    from test_no_torch import run_without_torch
+
+    result = run_without_torch(
+        """
+        from runtimes.model_source import resolve_model
+        source = resolve_model("org/tiny-dewey")
+        print(source.hub["commit"], source.config.vector_size, source.head[0].weight)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [COMMIT, "48", "dewey_head.weight"]
