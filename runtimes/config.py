@@ -21,7 +21,8 @@ SINGLE_VECTOR_TYPES = ("cls", "mean", "cls_add_mean")
 # mean: no [CLS], prompt or [SEP]). "attended": every attended token, [CLS], prompt and [SEP] included
 # (sentence-transformers' mean pooling). "after_prompt": sentence-transformers' mean with
 # ``include_prompt: false``: from the first token after [CLS] and the prompt (tokenized alone) to [SEP].
-MEAN_TOKEN_RULES = ("text", "attended", "after_prompt")
+# "last": the last attended token alone, [SEP] (sentence-transformers' lasttoken pooling, a one-token span).
+MEAN_TOKEN_RULES = ("text", "attended", "after_prompt", "last")
 # How a prompt joins the text. "separate": each is tokenized alone and the ids are joined (Dewey's
 # prompts end in a special token, so this equals tokenizing the joined string). "prefix": the prompt
 # string is prepended to the text and the whole is tokenized, as sentence-transformers does.

@@ -265,6 +265,8 @@ class Encoder:
         rule, end = self.config.mean_tokens, len(job.rows[i])
         if rule == "attended":
             return 0, end
+        if rule == "last":
+            return end - 1, end
         if rule == "after_prompt":
             # sentence-transformers masks [CLS] and the prompt tokenized alone, only when there is a prompt.
             return (1 + job.prompt_tokens if job.prompt_tokens else 0), end

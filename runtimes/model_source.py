@@ -57,13 +57,13 @@ ST_MODULE_CONFIG = "sentence_bert_config.json"
 ST_MODEL_CONFIG = "config_sentence_transformers.json"
 ST_MODEL_CARD = "README.md"
 # Pooling modes that map onto one pass of the forward, and the reason each other mode does not.
-ST_POOLING = ("cls", "mean")
+# lasttoken is the mean of a one-token span (the last attended token, [SEP]).
+ST_POOLING = ("cls", "mean", "lasttoken")
 ST_POOLING_REFUSED = {
     "max": "an element-wise maximum over tokens is not a mean over a span, which is what the forward pools",
     "mean_sqrt_len_tokens": "a sum divided by the square root of the length is not a span mean, and its scale "
                             "reaches the Dense layers",
     "weightedmean": "a position-weighted mean is not a span mean",
-    "lasttoken": "the last token is not one of the single-vector modes (cls, mean)",
 }
 # Activation class names of a Dense module.
 ST_ACTIVATIONS = {"Identity": "identity", "Tanh": "tanh"}
@@ -454,8 +454,8 @@ def _sentence_transformers(folder: Path, head: list[str] | None) -> ModelSource:
         files.append(folder / ST_MODEL_CARD)
     fields = {
         "vector_size": width,
-        "single_vector_type": mode,
-        "mean_tokens": "attended" if include_prompt else "after_prompt",
+        "single_vector_type": "cls" if mode == "cls" else "mean",
+        "mean_tokens": "last" if mode == "lasttoken" else "attended" if include_prompt else "after_prompt",
         "prompt_style": "prefix",
         "prompts": prompts.get("prompts", {}),
         "default_prompt_name": prompts.get("default_prompt_name"),
@@ -472,8 +472,8 @@ def _sentence_transformers(folder: Path, head: list[str] | None) -> ModelSource:
 
 
 def _st_pooling(folder: Path, hidden) -> tuple[str, bool]:
-    """The Pooling module's mode (cls or mean) and include_prompt; the other modes are refused with the
-    reason."""
+    """The Pooling module's mode (cls, mean or lasttoken) and include_prompt; the other modes are refused
+    with the reason."""
     path = folder / CONFIG_FILE
     raw = read_json(path)
     mode = raw.get("pooling_mode")

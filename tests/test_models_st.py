@@ -42,6 +42,7 @@ CONFIGS = {
     "mean-two-dense": dict(pooling="mean", dense=[(24, "tanh", True), (16, "identity", True)], normalize=True,
                            prompts=True),
     "matryoshka": dict(pooling="mean", dense=[], normalize=True, prompts=True, matryoshka=[32, 16, 8]),
+    "lasttoken-dense-tanh": dict(pooling="lasttoken", dense=[(24, "tanh", True)], normalize=True, prompts=True),
 }
 
 
@@ -205,6 +206,8 @@ def test_description_of_a_sentence_transformers_folder(st_models):
     assert resolve_model(st_models["cls"]).config.normalize_embeddings is False
     assert resolve_model(st_models["mean-dense-tanh-exclude-prompt"]).config.mean_tokens == "after_prompt"
     assert resolve_model(st_models["matryoshka"]).config.matryoshka_dimensions == (32, 16, 8)
+    last = resolve_model(st_models["lasttoken-dense-tanh"]).config
+    assert (last.single_vector_type, last.mean_tokens) == ("mean", "last")
     assert "head=linear.weight+bias[32->24, tanh], linear.weight+bias[24->16]" in repr(runtimes.load(
         st_models["mean-two-dense"]))
 
@@ -257,7 +260,7 @@ def _edit_json(path: Path, **changes) -> None:
 
 
 @pytest.mark.parametrize("pooling, reason", [
-    ("max", "element-wise maximum"), ("weightedmean", "position-weighted"), ("lasttoken", "last token"),
+    ("max", "element-wise maximum"), ("weightedmean", "position-weighted"),
     ("mean_sqrt_len_tokens", "square root of the length"), (["cls", "mean"], "concatenates"),
 ])
 def test_pooling_that_does_not_map_onto_one_pass_is_refused(st_models, tmp_path, pooling, reason):
