@@ -42,7 +42,8 @@ def _log(message: str) -> None:
               help="Output folder: Parquet shards (documents/, chunks/), manifest.json, errors.jsonl. "
                    "Re-running the same command resumes it.")
 @click.option("--model", type=click.Path(path_type=Path),
-              help="Checkpoint folder (torch) or dewey-export folder (onnx, trt); default: the packaged dewey-mini.")
+              help="Model folder or Hub id org/name[@revision] (torch; docs/models.md) or dewey-export folder (onnx, "
+                   "trt); default: the packaged dewey-mini.")
 @click.option("--backend", type=click.Choice(available_backends()), default="torch", show_default=True)
 @click.option("--device", help="torch: cpu or cuda[:N]; onnx: cpu, cuda[:N] or tensorrt[:N]; trt: cuda[:N].")
 @click.option("--mode", type=click.Choice(SINGLE_VECTOR_TYPES),
@@ -178,15 +179,18 @@ def _settings(model: Path, backend: str, options, fields) -> tuple:
 
     from runtimes.config import load_config
     from runtimes.export_format import MANIFEST_FILE, check_export_files, file_table
+    from runtimes.model_source import resolve_model
     from runtimes.tokenization import DeweyTokenizer
 
     from .pipeline import token_budget
 
-    if not model.is_dir():
-        raise ModelFileError(f"--model {model} is not a folder (expected a Dewey checkpoint or export folder)")
-    config = load_config(model)
+    if (model / MANIFEST_FILE).exists():
+        config, tokenizer_folder = load_config(model), model
+    else:  # a model folder of any layout runtimes.load reads (docs/models.md), or a Hub id
+        source = resolve_model(model)
+        config, tokenizer_folder, model = source.config, source.tokenizer_folder, source.folder
     options = replace(options, mode=options.mode or config.single_vector_type)
-    token_budget(config, DeweyTokenizer.from_folder(model, config), options)
+    token_budget(config, DeweyTokenizer.from_folder(tokenizer_folder, config), options)
     if (model / MANIFEST_FILE).exists():
         if backend == "torch":
             raise ModelFileError(f"--model {model} is a dewey-export folder; the torch backend reads a checkpoint")

@@ -74,12 +74,15 @@ def _log(message: str) -> None:
 @click.option("--instances", type=int, default=1, show_default=True, help="--to triton: instances of each model.")
 @click.option("--max-batch-tokens", type=int, default=None,
               help="--to triton: padded tokens per graph batch (default 16384); sets max_batch_size.")
+@click.option("--head", default=None,
+              help="The projection head's weight tensors, comma-separated (NAME[,NAME]), where their shapes in "
+                   "model.safetensors leave a choice (docs/models.md).")
 @click.option("--overwrite", is_flag=True,
               help="Replace --out if it holds a previous dewey export (only once the new export is complete). "
                    "Any other existing folder or file, and the checkpoint itself, is never replaced.")
 @click.pass_context
 def main(ctx, model, to, out, target, opset, attention, precision, gate_data, buckets, workspace_gib, timing_cache,
-         version_compatible, verify, engine, instances, max_batch_tokens, overwrite):
+         version_compatible, verify, engine, instances, max_batch_tokens, head, overwrite):
     """Export Dewey embedding models: PyTorch checkpoint -> ONNX (-> TensorRT), or -> OpenVINO IR.
 
     \b
@@ -116,6 +119,10 @@ def main(ctx, model, to, out, target, opset, attention, precision, gate_data, bu
     from .trt_build import EngineBuildSettings, TensorRTUnavailable, build_engine_folder
 
     try:
+        if head is not None:
+            from .verify import check_checkpoint
+
+            model = check_checkpoint(model, head=head)
         if to == "triton":
             from .triton import write_triton_repository
 
@@ -187,7 +194,7 @@ def verify(folder, model, json_out, device, gate_data):
         model, config = check_source(manifest, model)
         _log(f"Comparing {folder} with {model}")
         candidate, precision = _candidate(folder, manifest, device)
-        parity, gate = verify_candidate(TorchBackend.from_folder(model), candidate, model, config, precision,
+        parity, gate = verify_candidate(TorchBackend.from_folder(model), candidate, model.tokenizer_folder, config, precision,
                                         precision != "fp32", gate_data, _log)
     # ImportError: the folder's runtime is not installed (the message says how to install it)
     except (ModelFileError, ProviderUnavailableError, ValueError, ImportError) as exc:

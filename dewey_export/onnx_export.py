@@ -12,6 +12,7 @@ only with ``overwrite`` (``check_output_folder``).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import time
@@ -30,7 +31,8 @@ from runtimes.export_format import (
     is_export_folder,
     write_manifest,
 )
-from runtimes.files import clean_leftovers, staged_folder
+from runtimes.files import atomic_path, clean_leftovers, staged_folder
+from runtimes.model_source import resolve_model
 from runtimes.precision import precision_name
 from runtimes.tokenization import TOKENIZER_FILE
 
@@ -161,12 +163,12 @@ def prepare_output(checkpoint: Path, out: Path, overwrite: bool, log) -> None:
     check_output_folder(checkpoint, out, overwrite)
 
 
-def load_reference(checkpoint: Path, attention: str, log):
-    """The checkpoint's fp32 DeweyModel, loaded once per export: the graph is traced from a copy of it,
-    and parity is checked against it."""
+def load_reference(checkpoint, attention: str, log):
+    """The fp32 DeweyModel of the checkpoint (a folder, Hub id or runtimes.model_source.ModelSource),
+    loaded once per export: the graph is traced from a copy of it, and parity is checked against it."""
     from runtimes.modeling import DeweyModel
 
-    log(f"Loading {checkpoint}")
+    log(f"Loading {checkpoint!r}")
     return DeweyModel.from_pretrained(checkpoint, attention=attention)
 
 
@@ -186,13 +188,13 @@ def export_onnx(checkpoint, out, target: str = "cpu", opset: int | None = None, 
     be inspected; the caller decides what to do with ``result.passed`` (the CLI exits 1).
     ``out`` is checked by ``check_output_folder`` first; what a killed export left beside it is removed.
     """
-    checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
-    config = check_checkpoint(checkpoint)
+    source = check_checkpoint(checkpoint)
+    out = Path(out).resolve()
     options = graph_options(target, opset, attention, precision)
-    prepare_output(checkpoint, out, overwrite, log)
+    prepare_output(source.folder.resolve(), out, overwrite, log)
     with staged_folder(out) as staging:  # made first: an --out that cannot be written fails before the load
-        model = load_reference(checkpoint, options.attention, log)
-        manifest = write_export(checkpoint, config, model, staging, options, verify, log, gate_data)
+        model = load_reference(source, options.attention, log)
+        manifest = write_export(source, source.config, model, staging, options, verify, log, gate_data)
     log(f"Wrote {out}")
     return ExportResult(out, manifest)
 
@@ -211,7 +213,7 @@ def graph_model(model, options: GraphOptions):
     return reduce_precision(traced, torch_dtype(options.precision))
 
 
-def write_export(checkpoint: Path, config: DeweyConfig, model, folder: Path, options: GraphOptions, verify: bool,
+def write_export(checkpoint, config: DeweyConfig, model, folder: Path, options: GraphOptions, verify: bool,
                  log, gate_data=None) -> dict:
     """Fill the empty ``folder`` with the export of ``checkpoint`` and its manifest; returns the manifest.
 
@@ -225,6 +227,7 @@ def write_export(checkpoint: Path, config: DeweyConfig, model, folder: Path, opt
     from .gate import skipped_gate, verify_candidate
 
     onnx_path = folder / ONNX_FILE
+    checkpoint = resolve_model(checkpoint)
     traced, export_seconds = trace_graph(model, options, onnx_path, log)
     copy_model_files(checkpoint, folder)
 
@@ -234,7 +237,7 @@ def write_export(checkpoint: Path, config: DeweyConfig, model, folder: Path, opt
         log(f"Not verified: {reason}")
         parity, gate = skipped_report(options.precision, reason), skipped_gate(reason)
     elif verify:
-        parity, gate = verify_candidate(TorchBackend(model), OnnxBackend(onnx_path), checkpoint, config,
+        parity, gate = verify_candidate(TorchBackend(model), OnnxBackend(onnx_path), checkpoint.tokenizer_folder, config,
                                         options.precision, options.precision != "fp32", gate_data, log)
     else:
         parity, gate = skipped_report(options.precision), skipped_gate()
@@ -262,11 +265,16 @@ def trace_graph(model, options: GraphOptions, onnx_path: Path, log):
     return traced, export_seconds
 
 
-def copy_model_files(checkpoint: Path, folder: Path) -> None:
-    """The checkpoint's config and tokenizer files, which every export folder carries."""
+def copy_model_files(checkpoint, folder: Path) -> None:
+    """The files every export folder carries: the model's config.json as the runtime reads it (the
+    backbone's keys and the Dewey fields of runtimes.model_source.ModelSource.config_dict, so a model of
+    any layout loads like a Dewey checkpoint) and the tokenizer files."""
+    source = resolve_model(checkpoint)
+    with atomic_path(folder / CONFIG_FILE) as tmp:
+        Path(tmp).write_text(json.dumps(source.config_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     for name in COPIED_FILES:
-        if (checkpoint / name).is_file():
-            shutil.copy2(checkpoint / name, folder / name)
+        if name != CONFIG_FILE and (source.tokenizer_folder / name).is_file():
+            shutil.copy2(source.tokenizer_folder / name, folder / name)
 
 
 def attention_description(options: GraphOptions, pooling: str) -> dict:
@@ -323,15 +331,18 @@ def onnx_description(opset: int) -> dict:
     }
 
 
-def build_manifest(checkpoint: Path, folder: Path, graph: dict, *, precision: str, target: str, attention: dict,
+def build_manifest(checkpoint, folder: Path, graph: dict, *, precision: str, target: str, attention: dict,
                    export_seconds: float, parity: dict, gate: dict) -> dict:
     """The manifest of the finished ``folder``; ``graph`` is the graph's description under its key
-    (``{"onnx": ...}`` or ``{"openvino": ...}``, runtimes.export_format.graph_files)."""
+    (``{"onnx": ...}`` or ``{"openvino": ...}``, runtimes.export_format.graph_files). ``source.model``
+    records the layout, the head tensors read and, for a Hub id, the resolved commit."""
+    source = resolve_model(checkpoint)
     return {
         "format": MANIFEST_FORMAT,
         "source": {
-            "path": str(checkpoint),
-            "sha256": source_hashes(checkpoint),
+            "path": str(source.folder.resolve()),
+            "sha256": source_hashes(source),
+            "model": source.describe(),
         },
         **graph,
         "files": file_table(folder),

@@ -128,8 +128,8 @@ def export_openvino(checkpoint, out, precision: str | None = None, verify: bool 
     A failed check still publishes the folder with its reports, as ``export_onnx`` does. OpenVINO is
     looked for before anything is written.
     """
-    checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
-    config = check_checkpoint(checkpoint)
+    checkpoint, out = check_checkpoint(checkpoint), Path(out).resolve()
+    config = checkpoint.config
     require_openvino(precision)
     import openvino as ov
 
@@ -137,7 +137,7 @@ def export_openvino(checkpoint, out, precision: str | None = None, verify: bool 
 
     arithmetic, weights = plan_precision(precision, cpu_has_bf16(ov.Core()))
     options = graph_options(OPENVINO_TARGET)
-    prepare_output(checkpoint, out, overwrite, log)
+    prepare_output(checkpoint.folder.resolve(), out, overwrite, log)
     with staged_folder(out) as staging:  # made first: an --out that cannot be written fails before the load
         model = load_reference(checkpoint, options.attention, log)
         with tempfile.TemporaryDirectory(dir=staging) as onnx_folder:  # the IR replaces the ONNX graph
@@ -155,7 +155,7 @@ def export_openvino(checkpoint, out, precision: str | None = None, verify: bool 
     return ExportResult(out, manifest)
 
 
-def _verify(model, folder: Path, checkpoint: Path, config, arithmetic: str, weights: str, label: str, verify: bool,
+def _verify(model, folder: Path, checkpoint, config, arithmetic: str, weights: str, label: str, verify: bool,
             gate_data, log) -> tuple[dict, dict]:
     from runtimes.backends.openvino_backend import OpenVINOBackend
     from runtimes.backends.torch_backend import TorchBackend
@@ -166,7 +166,8 @@ def _verify(model, folder: Path, checkpoint: Path, config, arithmetic: str, weig
         return skipped_report(label), skipped_gate()
     candidate = OpenVINOBackend(folder / OPENVINO_XML_FILE, precision=arithmetic, weights=weights)
     log(f"OpenVINO runs it as {candidate!r}")
-    return verify_candidate(TorchBackend(model), candidate, checkpoint, config, label, label != "fp32", gate_data, log)
+    return verify_candidate(TorchBackend(model), candidate, checkpoint.tokenizer_folder, config, label, label != "fp32",
+                            gate_data, log)
 
 
 def convert(onnx_path: Path, folder: Path, weights: str, opset: int, log) -> dict:

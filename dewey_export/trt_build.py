@@ -110,9 +110,9 @@ def build_engine_folder(checkpoint, out, settings: EngineBuildSettings, verify: 
     too, for inspection, as by ``export_onnx``. ``out`` is checked before TensorRT is looked for, so a
     refused ``out`` is reported whether or not TensorRT is here.
     """
-    checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
-    config = check_checkpoint(checkpoint)
-    prepare_output(checkpoint, out, overwrite, log)
+    checkpoint, out = check_checkpoint(checkpoint), Path(out).resolve()
+    config = checkpoint.config
+    prepare_output(checkpoint.folder.resolve(), out, overwrite, log)
     status = tensorrt_status()
     if status:
         raise TensorRTUnavailable(status)

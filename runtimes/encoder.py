@@ -37,8 +37,10 @@ class ChunkedDocument:
     string, so ``text[a:b] == texts[j]``; ``vector`` is what ``encode`` gives for the text, pooled in the
     same forward pass as the chunks. ``windows`` is 1 when the text fit in one row, else the number of
     overlapping windows it was run in (``runtimes.windows``); then ``vector_is_approximate`` is True when
-    ``vector`` involves the CLS output (modes ``cls``, ``cls_add_mean``), which is a token-weighted mean
-    of the windows' CLS outputs rather than one pass's. ``truncated_tokens`` is always 0: texts over the
+    ``vector`` is a token-weighted mean of the windows' outputs rather than a pool over kept states
+    (modes ``cls`` and ``cls_add_mean``, or a ``mean`` whose span rule is not the text's tokens), and
+    ``chunks_are_approximate`` when the model's head is not affine (a tanh Dense layer), so a chunk that
+    crosses a seam combines its pieces after the head. ``truncated_tokens`` is always 0: texts over the
     window are windowed, never cut (kept for the shape of older results).
     """
 
@@ -50,6 +52,7 @@ class ChunkedDocument:
     truncated_tokens: int = 0
     windows: int = 1
     vector_is_approximate: bool = False
+    chunks_are_approximate: bool = False
 
 
 def one_spelling(name: str, value, alias: str, alias_value) -> tuple[str, object]:
@@ -63,26 +66,63 @@ def one_spelling(name: str, value, alias: str, alias_value) -> tuple[str, object
 
 @dataclass
 class _Job:
-    """One call's input, checked, tokenized and cut to fit: the rows the backend runs."""
+    """One call's input, checked, tokenized and cut to fit; rows are built from it as they are run."""
 
     texts: list[str]
     single: bool  # a single string was given: return one result, not a list of them
-    tokens: list[TextTokens]
+    tokens: list[TextTokens]  # each text's own tokens (offsets into the text)
     kept: list[int]  # text tokens kept per text; the rest were cut by truncation
-    prompt_ids: np.ndarray
-    budget: int  # text tokens that fit in one row; a longer kept text runs in windows of this many
-    text_start: int  # row position of every text's first token
+    prefixes: list[np.ndarray]  # int64 ids between [CLS] and each text: its prompt's tokens
+    budgets: list[int]  # text tokens that fit in one row; a longer kept text runs in windows of this many
     normalize: bool
     show_progress: bool | None
+    prompt_tokens: int = 0  # the prompt's tokens, tokenized alone
+
+    def text_start(self, i: int) -> int:
+        """Row position of text ``i``'s first token."""
+        return 1 + len(self.prefixes[i])
 
 
 @dataclass
 class _Pooled:
-    """What ``Encoder._pool`` returns: per text, the CLS output, its span vectors and its window count."""
+    """What ``Encoder._pool`` returns, per text: the CLS output, the span vectors, the single-vector
+    ``mean`` and the window count (1: the text ran as one row), float64, before normalisation."""
 
-    cls: np.ndarray  # float64 [N, D]
-    spans: list[np.ndarray]  # float64 [C_i, D]
-    windows: list[int]  # 1: the text ran as one row
+    cls: np.ndarray  # [N, D]
+    spans: list[np.ndarray]  # [C_i, D]
+    mean: np.ndarray  # [N, D]
+    windows: list[int]
+
+
+def prefixed_tokens(joined: list[TextTokens], prompt_chars: int) -> tuple[list[TextTokens], list[np.ndarray]]:
+    """Split tokenizations of ``prompt + text`` (the "prefix" prompt style) at the prompt's end: the
+    text's tokens (every token that ends inside the text, so a token straddling the boundary, such as
+    " word" after a prompt ending in a space, is the text's first), with offsets into the text, and the
+    prompt's ids as tokenized with each text."""
+    tokens, prefixes = [], []
+    for tok in joined:
+        first = int(np.searchsorted(tok.offsets[:, 1], prompt_chars, side="right"))
+        if first >= len(tok.ids):
+            raise ValueError("a text produced no tokens after the prompt: there is nothing to embed")
+        tokens.append(TextTokens(tok.ids[first:], np.maximum(tok.offsets[first:] - prompt_chars, 0)))
+        prefixes.append(tok.ids[:first])
+    return tokens, prefixes
+
+
+def truncate_dimensions(vectors: np.ndarray, dimensions: int | None, allowed: tuple[int, ...], normalize: bool):
+    """Matryoshka truncation: the first ``dimensions`` values, re-normalised when ``normalize``; only
+    the dimensions the model declares (``allowed``) and its full size are accepted."""
+    if dimensions is None:
+        return vectors
+    full = vectors.shape[-1]
+    dimensions = require_int("dimensions", dimensions, 1)
+    if dimensions != full and dimensions not in allowed:
+        raise ValueError(
+            f"dimensions={dimensions} is not one this model was trained for "
+            f"({', '.join(map(str, allowed)) or 'it declares no Matryoshka dimensions'}; full size {full})"
+        )
+    out = vectors[..., :dimensions]
+    return l2_normalize(out).astype(np.float32, copy=False) if normalize else np.ascontiguousarray(out)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -91,7 +131,7 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def single_vectors(cls: np.ndarray, mean: np.ndarray, mode: str, normalize: bool) -> np.ndarray:
-    """The single-vector modes from the CLS and text-mean outputs [N, D]: ``cls``, ``mean`` or
+    """The single-vector modes from the CLS and mean outputs [N, D]: ``cls``, ``mean`` or
     ``cls_add_mean`` = normalize(normalize(cls) + normalize(mean)); float32."""
     if mode == "cls":
         out = cls
@@ -107,10 +147,11 @@ def single_vectors(cls: np.ndarray, mean: np.ndarray, mode: str, normalize: bool
 class Encoder:
     """One encode API over any backend (see ``runtimes.load``)."""
 
-    def __init__(self, config: DeweyConfig, tokenizer: DeweyTokenizer, backend: Backend):
+    def __init__(self, config: DeweyConfig, tokenizer: DeweyTokenizer, backend: Backend, source=None):
         self.config = config
         self.tokenizer = tokenizer
         self.backend = backend
+        self.source = source  # the runtimes.model_source.ModelSource a model folder was read as, if any
         self._recursive = RecursiveSplitter(tokenizer.tokenizer)
 
     @property
@@ -118,7 +159,8 @@ class Encoder:
         return self.config.vector_size
 
     def __repr__(self) -> str:
-        return f"Encoder(backend={self.backend!r}, vector_size={self.vector_size})"
+        source = "" if self.source is None else f", source={self.source!r}"
+        return f"Encoder(backend={self.backend!r}, vector_size={self.vector_size}{source})"
 
     def encode(
         self,
@@ -135,6 +177,7 @@ class Encoder:
         normalize_embeddings: bool | None = None,
         show_progress_bar: bool | None = None,
         prompt_name: str | None = None,
+        dimensions: int | None = None,
         window_overlap: int | None = None,
     ) -> np.ndarray:
         """One vector per text: float32 [N, D] (or [D] for a single string), in input order.
@@ -142,30 +185,38 @@ class Encoder:
         texts: a string, or a sequence of strings (list, tuple, 1-d numpy array); a dict, a set or an
         iterator raises TypeError (no order to match the vectors to), and an empty text or one holding
         a lone surrogate raises ValueError naming its index.
-        mode: ``cls``, ``mean`` (text tokens only) or ``cls_add_mean`` =
-        normalize(normalize(cls) + normalize(mean)); default: the model's ``single_vector_type``.
+        mode: ``cls``, ``mean`` or ``cls_add_mean`` = normalize(normalize(cls) + normalize(mean));
+        default: the model's ``single_vector_type``. ``mean`` averages the tokens of the model's span
+        rule (``config.mean_tokens``): the text's own tokens for Dewey models, every attended token for
+        sentence-transformers models (docs/models.md).
         prompt_name: a prompt name of the model (``query``, ``passage``); prompt: such a name or a
-        literal prompt string. normalize_embeddings (alias normalize): True (the default) or False;
+        literal prompt string; neither: the model's ``default_prompt_name``, if it has one (pass
+        prompt="" for none). normalize_embeddings (alias normalize): True or False (default: the
+        model's, True unless a sentence-transformers model has no Normalize module);
         show_progress_bar (alias show_progress): True, False or None (automatic). Giving both spellings
         of one option raises TypeError.
         truncate: cut texts longer than ``max_length`` (default: the model's maximum) and warn with a
-        ``TruncationWarning``. With False, a longer text is not cut: in mode ``mean`` it runs in
-        overlapping windows (``window_overlap`` tokens, default ``runtimes.windows.default_window_overlap``),
-        its vector the mean over every token's state from the window where it has the most context; modes
-        that involve the CLS output (``cls``, ``cls_add_mean``) come from one pass only, so such a text
-        raises ValueError.
+        ``TruncationWarning``. With False, a longer text is not cut: in mode ``mean`` of a model whose
+        mean is over the text's own tokens (``config.mean_tokens == "text"``, every Dewey model) it runs
+        in overlapping windows (``window_overlap`` tokens, default
+        ``runtimes.windows.default_window_overlap``), its vector the mean over every token's state from
+        the window where it has the most context; other modes and span rules come from one pass only,
+        so such a text raises ValueError.
+        dimensions: keep the first N values of each vector (Matryoshka), then normalise again; only the
+        dimensions the model declares (``config.matryoshka_dimensions``) are accepted.
         """
         mode = self._mode(mode)
         job = self._prepare(
             texts, max_length, truncate, prompt=prompt, prompt_name=prompt_name, normalize=normalize,
             normalize_embeddings=normalize_embeddings, show_progress=show_progress, show_progress_bar=show_progress_bar,
-            windowed=not truncate and mode == "mean",
+            windowed=not truncate and mode == "mean" and self.config.mean_tokens == "text",
         )
         if job is None:
             return np.zeros((0, self.vector_size), dtype=np.float32)
-        spans = [np.array([[0, n]], dtype=np.int64) for n in job.kept]
-        pooled = self._pool(job, spans, batch_size, max_batch_tokens, window_overlap)
-        out = single_vectors(pooled.cls, np.stack([m[0] for m in pooled.spans]), mode, job.normalize)
+        no_spans = [np.zeros((0, 2), dtype=np.int64)] * len(job.texts)
+        pooled = self._pool(job, no_spans, batch_size, max_batch_tokens, window_overlap)
+        out = single_vectors(pooled.cls, pooled.mean, mode, job.normalize)
+        out = truncate_dimensions(out, dimensions, self.config.matryoshka_dimensions, job.normalize)
         return out[0] if job.single else out
 
     def encode_chunks(
@@ -186,6 +237,7 @@ class Encoder:
         normalize_embeddings: bool | None = None,
         show_progress_bar: bool | None = None,
         prompt_name: str | None = None,
+        dimensions: int | None = None,
         window_overlap: int | None = None,
     ) -> list[ChunkedDocument] | ChunkedDocument:
         """Late chunking: one pass over each whole text, one vector per chunk (the mean of its tokens).
@@ -194,10 +246,11 @@ class Encoder:
         of the model's tokenizer; splitter is ``tokens`` (fixed windows on token ids), ``words``
         (windows ending at word boundaries) or ``recursive`` (paragraph, line, sentence, word
         boundaries); the spans come from ``runtimes.chunking.chunk_spans``. Each document also carries
-        its single ``vector`` in ``mode`` (as for ``encode``), pooled from the same pass.
+        its single ``vector`` in ``mode`` (as for ``encode``), pooled from the same pass. Chunks are
+        always means of their own text tokens, whatever the model's span rule for ``mean``.
 
-        A text longer than one row (``max_length``, default the model's maximum, minus [CLS], [SEP] and
-        the prompt) is never cut: it runs in windows of that capacity overlapping by ``window_overlap``
+        A text longer than one row (``max_length``, default the model's, minus [CLS], [SEP] and the
+        prompt) is never cut: it runs in windows of that capacity overlapping by ``window_overlap``
         tokens (``runtimes.windows``); chunk spans are those of the whole text and each chunk vector is
         the mean of its tokens' states, every state from the window where that token has the most
         context. ``truncate`` has no effect here (kept so the keywords match ``encode``).
@@ -215,16 +268,16 @@ class Encoder:
             chunk_spans(text, tok.offsets, chunk_size, chunk_overlap, splitter, self._recursive)
             for text, tok in zip(job.texts, job.tokens)
         ]
-        # Each text's chunk spans, then the whole text's span (the `mean` of its vector).
-        text_spans = [np.concatenate([s, [[0, n]]]).astype(np.int64) for s, n in zip(token_spans, job.kept)]
-        pooled = self._pool(job, text_spans, batch_size, max_batch_tokens, window_overlap)
-        doc_vectors = single_vectors(pooled.cls, np.stack([v[-1] for v in pooled.spans]), mode, job.normalize)
+        pooled = self._pool(job, token_spans, batch_size, max_batch_tokens, window_overlap)
+        doc_vectors = single_vectors(pooled.cls, pooled.mean, mode, job.normalize)
+        doc_vectors = truncate_dimensions(doc_vectors, dimensions, self.config.matryoshka_dimensions, job.normalize)
         docs = []
         for i, (text, tok, spans) in enumerate(zip(job.texts, job.tokens, token_spans)):
             chars = char_spans(tok.offsets, spans)
-            vectors = pooled.spans[i][:-1]
+            vectors = pooled.spans[i]
             if job.normalize:
                 vectors = l2_normalize(vectors)
+            vectors = truncate_dimensions(vectors, dimensions, self.config.matryoshka_dimensions, job.normalize)
             windows = pooled.windows[i]
             docs.append(
                 ChunkedDocument(
@@ -234,12 +287,27 @@ class Encoder:
                     texts=[text[a:b] for a, b in chars],
                     vector=doc_vectors[i],
                     windows=windows,
-                    vector_is_approximate=windows > 1 and mode != "mean",
+                    vector_is_approximate=windows > 1 and (mode != "mean" or self.config.mean_tokens != "text"),
+                    chunks_are_approximate=windows > 1 and not self.config.head_affine,
                 )
             )
         return docs[0] if job.single else docs
 
     # -- shared steps --------------------------------------------------------------------------
+
+    def _mean_span(self, job: _Job, i: int, row_length: int, start: int, end: int) -> tuple[int, int]:
+        """The row span the single-vector ``mean`` averages, by the model's span rule
+        (runtimes.config.MEAN_TOKEN_RULES), in a row of ``row_length`` tokens that holds text ``i``'s
+        tokens ``start..end``."""
+        rule = self.config.mean_tokens
+        if rule == "attended":
+            return 0, row_length
+        if rule == "last":
+            return row_length - 1, row_length
+        if rule == "after_prompt":
+            # sentence-transformers masks [CLS] and the prompt tokenized alone, only when there is a prompt.
+            return (1 + job.prompt_tokens if job.prompt_tokens else 0), row_length
+        return job.text_start(i), job.text_start(i) + end - start
 
     def _mode(self, mode: str | None) -> str:
         mode = self.config.single_vector_type if mode is None else mode
@@ -255,7 +323,7 @@ class Encoder:
         and the texts, tokenize, and truncate unless ``windowed`` (every token kept; a text over one row
         then runs in windows). None for an empty sequence of texts."""
         spelling, normalize = one_spelling("normalize_embeddings", normalize_embeddings, "normalize", normalize)
-        normalize = True if normalize is None else require_bool(spelling, normalize)
+        normalize = self.config.normalize_embeddings if normalize is None else require_bool(spelling, normalize)
         truncate = require_bool("truncate", truncate)
         spelling, show_progress = one_spelling("show_progress_bar", show_progress_bar, "show_progress", show_progress)
         show_progress = require_bool(spelling, show_progress, allow_none=True)
@@ -263,43 +331,60 @@ class Encoder:
         texts, single = check_texts(texts)
         if not texts:
             return None
+        if prompt is None and self.config.default_prompt_name is not None:
+            prompt, prompt_spelling = self.config.default_prompt_name, "prompt_name"
         prompt_ids = self.tokenizer.prompt_ids(prompt, name_only=prompt_spelling == "prompt_name")
         max_length = self._max_length(max_length)
-        budget = self.tokenizer.text_budget(prompt_ids, max_length)
-        tokens = self.tokenizer.encode_texts(texts)
+        if self.config.prompt_style == "prefix" and len(prompt_ids):
+            # The prompt string joins the text before tokenization, as sentence-transformers does.
+            prompt_text = self.tokenizer.resolve_prompt(prompt, name_only=prompt_spelling == "prompt_name")
+            joined = self.tokenizer.encode_texts([prompt_text + text for text in texts])
+            tokens, prefixes = prefixed_tokens(joined, len(prompt_text))
+            room = self.tokenizer.text_budget(prompt_ids[:0], max_length)
+            budgets = [room - len(prefix) for prefix in prefixes]
+            if min(budgets) < 1:
+                raise ValueError(
+                    f"max_length={max_length} leaves no room for text after [CLS], [SEP] and a prompt of "
+                    f"{len(prefixes[budgets.index(min(budgets))])} tokens"
+                )
+        else:
+            budget = self.tokenizer.text_budget(prompt_ids, max_length)
+            tokens = self.tokenizer.encode_texts(texts)
+            prefixes, budgets = [prompt_ids] * len(texts), [budget] * len(texts)
         if windowed:
             kept = [len(t.ids) for t in tokens]
         else:
-            kept = self._apply_truncation(tokens, budget, truncate, max_length)
-        return _Job(texts, single, tokens, kept, prompt_ids, budget, 1 + len(prompt_ids), normalize, show_progress)
+            kept = self._apply_truncation(tokens, budgets, truncate, max_length)
+        return _Job(texts, single, tokens, kept, prefixes, budgets, normalize, show_progress, len(prompt_ids))
 
     def _max_length(self, max_length: int | None) -> int:
-        """The row length asked for, checked against the model's positions (None: all of them)."""
+        """The row length asked for, checked against the model's positions (None: the model's
+        max_seq_length, else all its positions)."""
         limit = self.config.max_position_embeddings
         if max_length is None:
-            return limit
+            return self.config.max_seq_length or limit
         max_length = require_int("max_length", max_length, 1)
         if max_length > limit:
             raise ValueError(f"max_length={max_length} exceeds the model's maximum of {limit} positions")
         return max_length
 
     @staticmethod
-    def _apply_truncation(tokens: list[TextTokens], budget: int, truncate: bool, max_length: int) -> list[int]:
+    def _apply_truncation(tokens: list[TextTokens], budgets: list[int], truncate: bool, max_length: int) -> list[int]:
         """Text tokens kept per text; warn about the cut ones, or raise when truncation is off."""
-        kept = [min(len(t.ids), budget) for t in tokens]
+        kept = [min(len(t.ids), budget) for t, budget in zip(tokens, budgets)]
         cut = [i for i, (t, n) in enumerate(zip(tokens, kept)) if n < len(t.ids)]
         if cut and not truncate:
             i = cut[0]
             raise ValueError(
-                f"texts[{i}] has {len(tokens[i].ids)} tokens but only {budget} fit in max_length={max_length} "
+                f"texts[{i}] has {len(tokens[i].ids)} tokens but only {budgets[i]} fit in max_length={max_length} "
                 "(with [CLS], [SEP] and the prompt); "
-                f"{len(cut)} text(s) are too long. Pass truncate=True to cut them, use mode='mean' (run in "
-                "windows), or encode_chunks (chunk vectors over windows)"
+                f"{len(cut)} text(s) are too long. Pass truncate=True to cut them, or use encode_chunks (chunk "
+                "vectors over windows), or mode='mean' of a model whose mean is over the text (run in windows)"
             )
         if cut:
             dropped = sum(len(tokens[i].ids) - kept[i] for i in cut)
             warnings.warn(
-                f"{len(cut)} of {len(tokens)} texts exceeded {budget} text tokens and were truncated "
+                f"{len(cut)} of {len(tokens)} texts exceeded {budgets[cut[0]]} text tokens and were truncated "
                 f"({dropped} tokens dropped; first: texts[{cut[0]}]). Pass truncate=False to raise instead.",
                 TruncationWarning,
                 stacklevel=4,
@@ -307,53 +392,74 @@ class Encoder:
         return kept
 
     def _pool(self, job: _Job, text_spans: list[np.ndarray], batch_size, max_batch_tokens, window_overlap) -> _Pooled:
-        """The CLS output and the span vectors of every text (``text_spans[i]``: int64 [C_i, 2] ranges of
-        its kept text tokens), float64, before normalisation.
+        """Per text: the CLS output, the vectors of ``text_spans[i]`` (int64 [C_i, 2] ranges of its kept
+        text tokens) and the single-vector ``mean`` (the model's span rule), float64, before normalisation.
 
-        A text that fits in one row (``job.budget`` tokens) runs as that row. A longer one runs in the
+        A text that fits in one row (``job.budgets[i]`` tokens) runs as that row. A longer one runs in the
         windows of ``runtimes.windows.plan_windows``; each window's outputs are added into running sums as
-        its batch returns: a span's vector is the token-weighted sum of its pieces' outputs (exact for the
-        affine head), the CLS output the token-weighted mean of the windows' (an approximation).
+        its batch returns. A span's vector is the token-weighted sum of its pieces' outputs: exact when the
+        head is affine (``config.head_affine``), and so is ``mean`` over the text's tokens (the span rule
+        "text"). The CLS output, and a ``mean`` by another span rule, are the token-weighted means of the
+        windows' (an approximation).
         """
-        overlap = check_window_overlap(window_overlap, job.budget)
-        # One entry per row: (text index, first and end text token, span pieces or None for a whole text).
+        text_rule = self.config.mean_tokens == "text"
+        # One entry per row: (text index, first and end text token, pieces or None for a whole text).
         row_sources: list[tuple[int, int, int, tuple | None]] = []
         row_spans: list[np.ndarray] = []
         windows = []
-        for i, (n, spans) in enumerate(zip(job.kept, text_spans)):
-            if n <= job.budget:
+        for i, (n, spans, budget) in enumerate(zip(job.kept, text_spans, job.budgets)):
+            start_in_row = job.text_start(i)
+            if n <= budget:
+                mean_span = self._mean_span(job, i, start_in_row + n + 1, 0, n)
                 row_sources.append((i, 0, n, None))
-                row_spans.append(spans + job.text_start)
+                row_spans.append(np.concatenate([spans + start_in_row, [mean_span]]).astype(np.int64))
                 windows.append(1)
                 continue
-            plan = plan_windows(n, job.budget, overlap)
+            plan = plan_windows(n, budget, check_window_overlap(window_overlap, budget))
             windows.append(plan.n_windows)
+            # With the text rule, the whole text is one more span, pooled exactly like a chunk.
+            pooled_spans = np.concatenate([spans, [[0, n]]]) if text_rule else spans
             for (start, end), (kept_start, kept_end), (local, index, weight) in zip(
-                plan.windows, plan.kept, split_spans(plan, spans)
+                plan.windows, plan.kept, split_spans(plan, pooled_spans)
             ):
+                local = local + start_in_row
+                if not text_rule:
+                    mean_span = self._mean_span(job, i, start_in_row + end - start + 1, start, end)
+                    local = np.concatenate([local, [mean_span]])
                 row_sources.append((i, int(start), int(end), (index, weight, (kept_end - kept_start) / n)))
-                row_spans.append(local + job.text_start)
-        cls = np.zeros((len(job.kept), self.vector_size), dtype=np.float64)
-        sums = [np.zeros((len(s), self.vector_size), dtype=np.float64) for s in text_spans]
+                row_spans.append(local.astype(np.int64))
+            windows[-1] = plan.n_windows
+        n_texts = len(job.kept)
+        cls = np.zeros((n_texts, self.vector_size), dtype=np.float64)
+        mean = np.zeros((n_texts, self.vector_size), dtype=np.float64)
+        sums = [np.zeros((len(s) + (text_rule and count > 1), self.vector_size), dtype=np.float64)
+                for s, count in zip(text_spans, windows)]
 
         def row(r: int) -> np.ndarray:
             i, start, end, _ = row_sources[r]
-            return self.tokenizer.row(job.prompt_ids, job.tokens[i].ids[start:end])
+            return self.tokenizer.row(job.prefixes[i], job.tokens[i].ids[start:end])
 
-        lengths = [end - start + job.text_start + 1 for _, start, end, _ in row_sources]
+        lengths = [end - start + job.text_start(i) + 1 for i, start, end, _ in row_sources]
         for r, row_cls, row_span_vectors in self._forward_batches(row, lengths, row_spans, batch_size,
                                                                  max_batch_tokens, job.show_progress):
             i, _, _, pieces = row_sources[r]
             if pieces is None:
-                cls[i], sums[i] = row_cls, row_span_vectors
+                cls[i], sums[i], mean[i] = row_cls, row_span_vectors[:-1], row_span_vectors[-1]
                 continue
-            index, weight, cls_weight = pieces
-            cls[i] += cls_weight * row_cls
+            index, weight, window_weight = pieces
+            cls[i] += window_weight * row_cls
+            if not text_rule:
+                mean[i] += window_weight * row_span_vectors[-1]
+                row_span_vectors = row_span_vectors[:-1]
             sums[i][index] += weight[:, None] * row_span_vectors  # a span has at most one piece per window
-        for i, (spans, count) in enumerate(zip(text_spans, windows)):
+        for i, (n, count) in enumerate(zip(job.kept, windows)):
             if count > 1:
+                spans = np.concatenate([text_spans[i], [[0, n]]]) if text_rule else text_spans[i]
                 sums[i] /= (spans[:, 1] - spans[:, 0])[:, None]
-        return _Pooled(cls, sums, windows)
+                if text_rule:
+                    sums[i], mean[i] = sums[i][:-1], sums[i][-1]
+        return _Pooled(cls, sums, mean, windows)
+
 
     def _forward_batches(self, row, lengths, spans, batch_size, max_batch_tokens, show_progress):
         """Run rows (``row(r)`` builds row ``r``, of ``lengths[r]`` tokens) through the backend in
