@@ -2,7 +2,7 @@
 
     python bench/windows.py seams --models dewey-mini,base --tokens 16384 --window 2048 --overlaps 0,128,256,512,1024
     python bench/windows.py retrieval --window 512 --queries 300
-    python bench/windows.py cost --lengths 131072,524288,1048576
+    python bench/windows.py cost --lengths 131072,524288,1048576 [--window 8192]
 
 seams: one real document (the Python docs' topics, concatenated) of ``--tokens`` tokens, chunked 256 / 64,
 once in one pass and once in forced windows of ``--window`` tokens for each overlap; the cosine of each
@@ -16,8 +16,8 @@ of the documents (each answered by its own document); nDCG@10 with a document sc
 ``--window`` tokens (default overlap), and one pass over the whole document (the ceiling).
 
 cost: the tiny shape exported to ONNX (the default cpu export), one document of each length through
-``encode_chunks`` in windows of the model's 131,072 positions, each length in a fresh process: wall time,
-tokens per second and the process's peak RSS.
+``encode_chunks`` in windows of ``--window`` tokens (default: the model's 131,072 positions), each length
+in a fresh process: wall time, tokens per second and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -170,14 +170,15 @@ def run_retrieval(args) -> dict:
     return results
 
 
-def cost_child(folder: str, n_tokens: int) -> None:
+def cost_child(folder: str, n_tokens: int, window: int | None) -> None:
     """One length in this process: prints a JSON line with seconds, windows and peak RSS."""
     import runtimes
 
     encoder = runtimes.load(folder, backend="onnx", intra_op_num_threads=2)
     text = real_document(encoder, n_tokens)
     started = time.perf_counter()
-    doc = encoder.encode_chunks(text, chunk_size=CHUNK_SIZE, chunk_overlap=CHUNK_OVERLAP, mode="mean")
+    doc = encoder.encode_chunks(text, chunk_size=CHUNK_SIZE, chunk_overlap=CHUNK_OVERLAP, mode="mean",
+                                max_length=window)
     seconds = time.perf_counter() - started
     print(json.dumps({"tokens": n_tokens, "seconds": seconds, "windows": doc.windows, "chunks": len(doc.texts),
                       "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
@@ -193,8 +194,8 @@ def run_cost(args) -> dict:
                                           max_position_embeddings=131072, **SHAPES["tiny"])
         folder = export_onnx(checkpoint, Path(tmp) / "tiny-onnx", log=lambda m: None).folder
         for n in (int(x) for x in args.lengths.split(",")):
-            out = subprocess.run([sys.executable, __file__, "cost-child", str(folder), str(n)], capture_output=True,
-                                 text=True, check=True)
+            out = subprocess.run([sys.executable, __file__, "cost-child", str(folder), str(n), str(args.window or 0)],
+                                 capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(f"{n} tokens: {row['windows']} windows, {row['seconds']:.1f} s "
@@ -208,8 +209,8 @@ def run_cost(args) -> dict:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "cost-child":
-        cost_child(sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) == 5 and sys.argv[1] == "cost-child":
+        cost_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) or None)
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -223,6 +224,7 @@ def main() -> None:
     retrieval.add_argument("--queries", type=int, default=300)
     cost = sub.add_parser("cost")
     cost.add_argument("--lengths", default="131072,524288,1048576")
+    cost.add_argument("--window", type=int, help="max_length of the windows (default: the model's maximum)")
     for p in (seams, retrieval, cost):
         p.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()

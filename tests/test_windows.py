@@ -251,3 +251,71 @@ def test_windows_equal_one_pass_past_the_receptive_field(local_only_encoder, lon
     seams = encoder.encode_chunks(text, max_length=202, window_overlap=receptive // 2, **kwargs)
     assert np.abs(seams.vectors - full.vectors).max() > 1e-3
 
+
+
+# -- sentence-transformers models: prompts joined to the text, their own mean, tanh heads -------------------
+
+
+@pytest.fixture(scope="module")
+def st_folders(tmp_path_factory):
+    pytest.importorskip("sentence_transformers", reason="the dev extra (sentence-transformers) is not installed")
+    from test_models_st import make_modernbert_folder, make_st_model
+    from tokenizers.processors import TemplateProcessing
+
+    from runtimes.testing import SPECIAL_TOKENS, build_test_tokenizer
+
+    # The tokenizer of test_models_st's fixture: [CLS] $A [SEP] around every text, as ST tokenizes.
+    tokenizer = build_test_tokenizer()
+    cls, sep = SPECIAL_TOKENS.index("[CLS]"), SPECIAL_TOKENS.index("[SEP]")
+    tokenizer.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls),
+                                                                                           ("[SEP]", sep)])
+    root = tmp_path_factory.mktemp("st-windows")
+    base = make_modernbert_folder(root / "base", tokenizer)
+    return {
+        "mean-identity": make_st_model(root / "mean", base, "mean", [(24, "identity", True)], True, prompts=True),
+        "cls-tanh": make_st_model(root / "tanh", base, "cls", [(24, "tanh", True)], True, prompts=True),
+    }
+
+
+def test_sentence_transformers_prompted_windows_follow_the_window_rule(st_folders, text):
+    """A prompt joined to the text before tokenization (sentence-transformers' way) frames every window;
+    chunks follow the window rule exactly (affine head), and the model's own mean (every attended token,
+    [CLS], prompt and [SEP] of each window) is the flagged token-weighted mean of the windows'."""
+    from runtimes import load
+
+    encoder = load(st_folders["mean-identity"], backend="torch")
+    assert encoder.config.prompt_style == "prefix" and encoder.config.mean_tokens == "attended"
+    max_length = 160
+    doc = encoder.encode_chunks(text, chunk_size=32, chunk_overlap=8, max_length=max_length, prompt_name="query",
+                                window_overlap=20)
+    whole = encoder.encode_chunks(text, chunk_size=32, chunk_overlap=8, prompt_name="query")
+    assert doc.windows > 1 and doc.vector_is_approximate and not doc.chunks_are_approximate
+    assert doc.token_spans == whole.token_spans and doc.texts == whole.texts
+    # The window rule by hand: the prompt's ids as tokenized with the text frame each window.
+    prompt_text = encoder.config.prompts["query"]
+    joined = encoder.tokenizer.encode_texts([prompt_text + text])[0]
+    first = int(np.searchsorted(joined.offsets[:, 1], len(prompt_text), side="right"))
+    prefix, ids = joined.ids[:first], joined.ids[first:]
+    plan = plan_windows(len(ids), max_length - 2 - first, 20)
+    states = np.zeros((len(ids), encoder.vector_size))
+    for (start, end), (kept_start, kept_end) in zip(plan.windows, plan.kept):
+        row = encoder.tokenizer.row(prefix, ids[start:end])
+        offset = 1 + first - start
+        states[kept_start:kept_end] = token_states(encoder, row, range(offset + kept_start, offset + kept_end))
+    chunks = np.stack([states[a:b].mean(0) for a, b in doc.token_spans])
+    np.testing.assert_allclose(doc.vectors, unit(chunks), atol=FP32_ATOL)
+    assert doc.windows == plan.n_windows
+    with pytest.raises(ValueError, match="fit in max_length=160"):
+        encoder.encode(text, max_length=max_length, truncate=False, prompt_name="query")
+
+
+def test_tanh_head_flags_chunks_across_seams(st_folders, text):
+    """With a tanh Dense head a seam-crossing chunk is combined after the head: flagged on the result."""
+    from runtimes import load
+
+    encoder = load(st_folders["cls-tanh"], backend="torch")
+    assert not encoder.config.head_affine
+    doc = encoder.encode_chunks(text, chunk_size=32, chunk_overlap=8, max_length=160, window_overlap=20)
+    assert doc.windows > 1 and doc.chunks_are_approximate and doc.vector_is_approximate
+    fits = encoder.encode_chunks(text[:200], chunk_size=32, chunk_overlap=8)
+    assert fits.windows == 1 and not fits.chunks_are_approximate and not fits.vector_is_approximate
