@@ -85,7 +85,7 @@ class _Job:
 
 @dataclass
 class _Pooled:
-    """What ``Encoder._pool`` returns, per text: the CLS output, the span vectors, the single-vector
+    """What a ``RowPlan``'s rows pooled to, per text: the CLS output, the span vectors, the single-vector
     ``mean`` and the window count (1: the text ran as one row), float64, before normalisation."""
 
     cls: np.ndarray  # [N, D]
@@ -205,6 +205,20 @@ class Encoder:
         dimensions: keep the first N values of each vector (Matryoshka), then normalise again; only the
         dimensions the model declares (``config.matryoshka_dimensions``) are accepted.
         """
+        plan = self.plan_encode(
+            texts, mode=mode, prompt=prompt, max_length=max_length, normalize=normalize, show_progress=show_progress,
+            truncate=truncate, normalize_embeddings=normalize_embeddings, show_progress_bar=show_progress_bar,
+            prompt_name=prompt_name, dimensions=dimensions, window_overlap=window_overlap,
+        )
+        return self.run(plan, batch_size, max_batch_tokens)
+
+    def plan_encode(self, texts, mode=None, prompt=None, max_length=None, normalize=None, show_progress=None,
+                    truncate=True, *, normalize_embeddings=None, show_progress_bar=None, prompt_name=None,
+                    dimensions=None, window_overlap=None) -> RowPlan:
+        """``encode``'s rows, and how their outputs become its result, without running them: for a caller
+        that batches rows of many calls together (``dewey-serve``). Run the rows (``plan.row(r)``,
+        ``plan.spans[r]``) through ``backend.forward`` in any batches, ``plan.add`` each row's outputs, and
+        ``plan.result()`` is what ``encode`` returns. Keywords as for ``encode``."""
         mode = self._mode(mode)
         job = self._prepare(
             texts, max_length, truncate, prompt=prompt, prompt_name=prompt_name, normalize=normalize,
@@ -212,12 +226,15 @@ class Encoder:
             windowed=not truncate and mode == "mean" and self.config.mean_tokens == "text",
         )
         if job is None:
-            return np.zeros((0, self.vector_size), dtype=np.float32)
+            return RowPlan(self, None, [], window_overlap, lambda pooled: np.zeros((0, self.vector_size), np.float32))
+
+        def finish(pooled: _Pooled):
+            out = single_vectors(pooled.cls, pooled.mean, mode, job.normalize)
+            out = truncate_dimensions(out, dimensions, self.config.matryoshka_dimensions, job.normalize)
+            return out[0] if job.single else out
+
         no_spans = [np.zeros((0, 2), dtype=np.int64)] * len(job.texts)
-        pooled = self._pool(job, no_spans, batch_size, max_batch_tokens, window_overlap)
-        out = single_vectors(pooled.cls, pooled.mean, mode, job.normalize)
-        out = truncate_dimensions(out, dimensions, self.config.matryoshka_dimensions, job.normalize)
-        return out[0] if job.single else out
+        return RowPlan(self, job, no_spans, window_overlap, finish)
 
     def encode_chunks(
         self,
@@ -255,6 +272,19 @@ class Encoder:
         the mean of its tokens' states, every state from the window where that token has the most
         context. ``truncate`` has no effect here (kept so the keywords match ``encode``).
         """
+        plan = self.plan_chunks(
+            texts, chunk_size=chunk_size, chunk_overlap=chunk_overlap, splitter=splitter, prompt=prompt,
+            max_length=max_length, normalize=normalize, show_progress=show_progress, truncate=truncate, mode=mode,
+            normalize_embeddings=normalize_embeddings, show_progress_bar=show_progress_bar, prompt_name=prompt_name,
+            dimensions=dimensions, window_overlap=window_overlap,
+        )
+        return self.run(plan, batch_size, max_batch_tokens)
+
+    def plan_chunks(self, texts, chunk_size=256, chunk_overlap=64, splitter="tokens", prompt=None, max_length=None,
+                    normalize=None, show_progress=None, truncate=True, *, mode=None, normalize_embeddings=None,
+                    show_progress_bar=None, prompt_name=None, dimensions=None, window_overlap=None) -> RowPlan:
+        """``encode_chunks``' rows and how their outputs become its result, as ``plan_encode`` is for
+        ``encode``; ``plan.result()`` is what ``encode_chunks`` returns."""
         check_chunk_args(chunk_size, chunk_overlap, splitter)
         mode = self._mode(mode)
         job = self._prepare(
@@ -263,35 +293,52 @@ class Encoder:
             windowed=True,
         )
         if job is None:
-            return []
+            return RowPlan(self, None, [], window_overlap, lambda pooled: [])
         token_spans = [
             chunk_spans(text, tok.offsets, chunk_size, chunk_overlap, splitter, self._recursive)
             for text, tok in zip(job.texts, job.tokens)
         ]
-        pooled = self._pool(job, token_spans, batch_size, max_batch_tokens, window_overlap)
-        doc_vectors = single_vectors(pooled.cls, pooled.mean, mode, job.normalize)
-        doc_vectors = truncate_dimensions(doc_vectors, dimensions, self.config.matryoshka_dimensions, job.normalize)
-        docs = []
-        for i, (text, tok, spans) in enumerate(zip(job.texts, job.tokens, token_spans)):
-            chars = char_spans(tok.offsets, spans)
-            vectors = pooled.spans[i]
-            if job.normalize:
-                vectors = l2_normalize(vectors)
-            vectors = truncate_dimensions(vectors, dimensions, self.config.matryoshka_dimensions, job.normalize)
-            windows = pooled.windows[i]
-            docs.append(
-                ChunkedDocument(
-                    vectors=vectors.astype(np.float32, copy=False),
-                    token_spans=[(int(a), int(b)) for a, b in spans],
-                    char_spans=[(int(a), int(b)) for a, b in chars],
-                    texts=[text[a:b] for a, b in chars],
-                    vector=doc_vectors[i],
-                    windows=windows,
-                    vector_is_approximate=windows > 1 and (mode != "mean" or self.config.mean_tokens != "text"),
-                    chunks_are_approximate=windows > 1 and not self.config.head_affine,
+
+        def finish(pooled: _Pooled):
+            doc_vectors = single_vectors(pooled.cls, pooled.mean, mode, job.normalize)
+            doc_vectors = truncate_dimensions(doc_vectors, dimensions, self.config.matryoshka_dimensions, job.normalize)
+            docs = []
+            for i, (text, tok, spans) in enumerate(zip(job.texts, job.tokens, token_spans)):
+                chars = char_spans(tok.offsets, spans)
+                vectors = pooled.spans[i]
+                if job.normalize:
+                    vectors = l2_normalize(vectors)
+                vectors = truncate_dimensions(vectors, dimensions, self.config.matryoshka_dimensions, job.normalize)
+                windows = pooled.windows[i]
+                docs.append(
+                    ChunkedDocument(
+                        vectors=vectors.astype(np.float32, copy=False),
+                        token_spans=[(int(a), int(b)) for a, b in spans],
+                        char_spans=[(int(a), int(b)) for a, b in chars],
+                        texts=[text[a:b] for a, b in chars],
+                        vector=doc_vectors[i],
+                        windows=windows,
+                        vector_is_approximate=windows > 1 and (mode != "mean" or self.config.mean_tokens != "text"),
+                        chunks_are_approximate=windows > 1 and not self.config.head_affine,
+                    )
                 )
-            )
-        return docs[0] if job.single else docs
+            return docs[0] if job.single else docs
+
+        return RowPlan(self, job, token_spans, window_overlap, finish)
+
+    def run(self, plan: RowPlan, batch_size: int = DEFAULT_BATCH_SIZE,
+            max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
+        """Run a plan's rows through the backend in length-sorted batches (``runtimes.batching``), adding
+        each batch's outputs as it returns (so at most one batch of rows and outputs is held at a time);
+        returns ``plan.result()``."""
+        batches = plan_batches(plan.lengths, batch_size, max_batch_tokens) if plan.lengths else []
+        for batch in self._progress(batches, plan.show_progress):
+            ids, mask, bounds = pad_batch([plan.row(r) for r in batch], [plan.spans[r] for r in batch],
+                                          self.config.pad_token_id)
+            batch_cls, batch_spans = self.backend.forward(ids, mask, bounds)
+            for j, r in enumerate(batch):
+                plan.add(r, batch_cls[j], batch_spans[j, : len(plan.spans[r])])
+        return plan.result()
 
     # -- shared steps --------------------------------------------------------------------------
 
@@ -391,88 +438,6 @@ class Encoder:
             )
         return kept
 
-    def _pool(self, job: _Job, text_spans: list[np.ndarray], batch_size, max_batch_tokens, window_overlap) -> _Pooled:
-        """Per text: the CLS output, the vectors of ``text_spans[i]`` (int64 [C_i, 2] ranges of its kept
-        text tokens) and the single-vector ``mean`` (the model's span rule), float64, before normalisation.
-
-        A text that fits in one row (``job.budgets[i]`` tokens) runs as that row. A longer one runs in the
-        windows of ``runtimes.windows.plan_windows``; each window's outputs are added into running sums as
-        its batch returns. A span's vector is the token-weighted sum of its pieces' outputs: exact when the
-        head is affine (``config.head_affine``), and so is ``mean`` over the text's tokens (the span rule
-        "text"). The CLS output, and a ``mean`` by another span rule, are the token-weighted means of the
-        windows' (an approximation).
-        """
-        text_rule = self.config.mean_tokens == "text"
-        # One entry per row: (text index, first and end text token, pieces or None for a whole text).
-        row_sources: list[tuple[int, int, int, tuple | None]] = []
-        row_spans: list[np.ndarray] = []
-        windows = []
-        for i, (n, spans, budget) in enumerate(zip(job.kept, text_spans, job.budgets)):
-            start_in_row = job.text_start(i)
-            if n <= budget:
-                mean_span = self._mean_span(job, i, start_in_row + n + 1, 0, n)
-                row_sources.append((i, 0, n, None))
-                row_spans.append(np.concatenate([spans + start_in_row, [mean_span]]).astype(np.int64))
-                windows.append(1)
-                continue
-            plan = plan_windows(n, budget, check_window_overlap(window_overlap, budget))
-            windows.append(plan.n_windows)
-            # With the text rule, the whole text is one more span, pooled exactly like a chunk.
-            pooled_spans = np.concatenate([spans, [[0, n]]]) if text_rule else spans
-            for (start, end), (kept_start, kept_end), (local, index, weight) in zip(
-                plan.windows, plan.kept, split_spans(plan, pooled_spans)
-            ):
-                local = local + start_in_row
-                if not text_rule:
-                    mean_span = self._mean_span(job, i, start_in_row + end - start + 1, start, end)
-                    local = np.concatenate([local, [mean_span]])
-                row_sources.append((i, int(start), int(end), (index, weight, (kept_end - kept_start) / n)))
-                row_spans.append(local.astype(np.int64))
-            windows[-1] = plan.n_windows
-        n_texts = len(job.kept)
-        cls = np.zeros((n_texts, self.vector_size), dtype=np.float64)
-        mean = np.zeros((n_texts, self.vector_size), dtype=np.float64)
-        sums = [np.zeros((len(s) + (text_rule and count > 1), self.vector_size), dtype=np.float64)
-                for s, count in zip(text_spans, windows)]
-
-        def row(r: int) -> np.ndarray:
-            i, start, end, _ = row_sources[r]
-            return self.tokenizer.row(job.prefixes[i], job.tokens[i].ids[start:end])
-
-        lengths = [end - start + job.text_start(i) + 1 for i, start, end, _ in row_sources]
-        for r, row_cls, row_span_vectors in self._forward_batches(row, lengths, row_spans, batch_size,
-                                                                 max_batch_tokens, job.show_progress):
-            i, _, _, pieces = row_sources[r]
-            if pieces is None:
-                cls[i], sums[i], mean[i] = row_cls, row_span_vectors[:-1], row_span_vectors[-1]
-                continue
-            index, weight, window_weight = pieces
-            cls[i] += window_weight * row_cls
-            if not text_rule:
-                mean[i] += window_weight * row_span_vectors[-1]
-                row_span_vectors = row_span_vectors[:-1]
-            sums[i][index] += weight[:, None] * row_span_vectors  # a span has at most one piece per window
-        for i, (n, count) in enumerate(zip(job.kept, windows)):
-            if count > 1:
-                spans = np.concatenate([text_spans[i], [[0, n]]]) if text_rule else text_spans[i]
-                sums[i] /= (spans[:, 1] - spans[:, 0])[:, None]
-                if text_rule:
-                    sums[i], mean[i] = sums[i][:-1], sums[i][-1]
-        return _Pooled(cls, sums, mean, windows)
-
-
-    def _forward_batches(self, row, lengths, spans, batch_size, max_batch_tokens, show_progress):
-        """Run rows (``row(r)`` builds row ``r``, of ``lengths[r]`` tokens) through the backend in
-        length-sorted batches; yield ``(r, cls [D], span vectors [C_r, D])`` float64 per row as its batch
-        returns, so no more than one batch of rows and outputs is held at a time."""
-        batches = plan_batches(lengths, batch_size, max_batch_tokens)
-        for batch in self._progress(batches, show_progress):
-            ids, mask, bounds = pad_batch([row(r) for r in batch], [spans[r] for r in batch], self.config.pad_token_id)
-            batch_cls, batch_spans = self.backend.forward(ids, mask, bounds)
-            for j, r in enumerate(batch):
-                yield (r, np.asarray(batch_cls[j], dtype=np.float64),
-                       np.asarray(batch_spans[j, : len(spans[r])], dtype=np.float64))
-
     @staticmethod
     def _progress(batches, show_progress):
         if show_progress is None:
@@ -485,3 +450,93 @@ class Encoder:
             warnings.warn("show_progress needs the tqdm package (pip install tqdm); continuing without a bar")
             return batches
         return tqdm(batches, desc="Batches", unit="batch")
+
+
+class RowPlan:
+    """The rows of one ``encode`` / ``encode_chunks`` call and the running sums their outputs go into.
+
+    A text that fits in one row (``job.budgets[i]`` tokens) runs as that row. A longer one runs in the
+    windows of ``runtimes.windows.plan_windows``; each window's outputs are added into running sums as
+    they come. A span's vector is the token-weighted sum of its pieces' outputs: exact when the head is
+    affine (``config.head_affine``), and so is ``mean`` over the text's tokens (the span rule "text").
+    The CLS output, and a ``mean`` by another span rule, are the token-weighted means of the windows'
+    (an approximation). ``lengths[r]`` and ``spans[r]`` (int64 [C_r, 2] row positions) describe row
+    ``r``; ``row(r)`` builds it; ``cut[i]`` counts text ``i``'s tokens cut by truncation.
+    """
+
+    def __init__(self, encoder: Encoder, job: _Job | None, text_spans: list[np.ndarray], window_overlap, finish):
+        """``job`` None: a call with no texts, no rows, and ``finish(None)`` as its result."""
+        self._encoder, self._finish, self._result = encoder, finish, None
+        self._text_rule = text_rule = encoder.config.mean_tokens == "text"
+        self.show_progress = None if job is None else job.show_progress
+        job = job or _Job([], False, [], [], [], [], True, None)
+        self._job = job
+        self.cut = [len(t.ids) - n for t, n in zip(job.tokens, job.kept)]
+        # One entry per row: (text index, first and end text token, pieces or None for a whole text).
+        self._sources: list[tuple[int, int, int, tuple | None]] = []
+        self.spans: list[np.ndarray] = []
+        self.windows: list[int] = []
+        for i, (n, spans, budget) in enumerate(zip(job.kept, text_spans, job.budgets)):
+            start_in_row = job.text_start(i)
+            if n <= budget:
+                mean_span = encoder._mean_span(job, i, start_in_row + n + 1, 0, n)
+                self._sources.append((i, 0, n, None))
+                self.spans.append(np.concatenate([spans + start_in_row, [mean_span]]).astype(np.int64))
+                self.windows.append(1)
+                continue
+            plan = plan_windows(n, budget, check_window_overlap(window_overlap, budget))
+            self.windows.append(plan.n_windows)
+            # With the text rule, the whole text is one more span, pooled exactly like a chunk.
+            pooled_spans = np.concatenate([spans, [[0, n]]]) if text_rule else spans
+            for (start, end), (kept_start, kept_end), (local, index, weight) in zip(
+                plan.windows, plan.kept, split_spans(plan, pooled_spans)
+            ):
+                local = local + start_in_row
+                if not text_rule:
+                    local = np.concatenate([local, [encoder._mean_span(job, i, start_in_row + end - start + 1,
+                                                                       start, end)]])
+                self._sources.append((i, int(start), int(end), (index, weight, (kept_end - kept_start) / n)))
+                self.spans.append(local.astype(np.int64))
+        self.lengths = [end - start + job.text_start(i) + 1 for i, start, end, _ in self._sources]
+        size = encoder.vector_size
+        self._cls = np.zeros((len(job.kept), size), dtype=np.float64)
+        self._mean = np.zeros((len(job.kept), size), dtype=np.float64)
+        self._sums = [np.zeros((len(s) + (text_rule and count > 1), size), dtype=np.float64)
+                      for s, count in zip(text_spans, self.windows)]
+        self._text_spans = text_spans
+
+    def row(self, r: int) -> np.ndarray:
+        """Row ``r``: int64 ``[CLS] prompt text-tokens [SEP]``."""
+        i, start, end, _ = self._sources[r]
+        return self._encoder.tokenizer.row(self._job.prefixes[i], self._job.tokens[i].ids[start:end])
+
+    def add(self, r: int, cls: np.ndarray, span_vectors: np.ndarray) -> None:
+        """Row ``r``'s outputs: its CLS output [D] and its spans' vectors [len(spans[r]), D]."""
+        cls = np.asarray(cls, dtype=np.float64)
+        span_vectors = np.asarray(span_vectors, dtype=np.float64)
+        i, _, _, pieces = self._sources[r]
+        if pieces is None:
+            self._cls[i], self._sums[i], self._mean[i] = cls, span_vectors[:-1], span_vectors[-1]
+            return
+        index, weight, window_weight = pieces
+        self._cls[i] += window_weight * cls
+        if not self._text_rule:
+            self._mean[i] += window_weight * span_vectors[-1]
+            span_vectors = span_vectors[:-1]
+        self._sums[i][index] += weight[:, None] * span_vectors  # a span has at most one piece per window
+
+    def result(self):
+        """What ``encode`` / ``encode_chunks`` return, once every row's outputs were added."""
+        if self._result is None:
+            if not self._job.texts:
+                self._result = (self._finish(None),)
+            else:
+                for i, (n, count) in enumerate(zip(self._job.kept, self.windows)):
+                    if count > 1:
+                        spans = self._text_spans[i]
+                        spans = np.concatenate([spans, [[0, n]]]) if self._text_rule else spans
+                        self._sums[i] /= (spans[:, 1] - spans[:, 0])[:, None]
+                        if self._text_rule:
+                            self._sums[i], self._mean[i] = self._sums[i][:-1], self._sums[i][-1]
+                self._result = (self._finish(_Pooled(self._cls, self._sums, self._mean, self.windows)),)
+        return self._result[0]
