@@ -177,6 +177,7 @@ class Encoder:
         job = self._prepare(
             texts, max_length, truncate, prompt=prompt, prompt_name=prompt_name, normalize=normalize,
             normalize_embeddings=normalize_embeddings, show_progress=show_progress, show_progress_bar=show_progress_bar,
+            count_cut=True,
         )
         if job is None:
             return []
@@ -204,7 +205,7 @@ class Encoder:
                     char_spans=[(int(a), int(b)) for a, b in chars],
                     texts=[text[a:b] for a, b in chars],
                     vector=doc_vectors[i],
-                    truncated_tokens=len(tok.ids) - n,
+                    truncated_tokens=tok.total - n,
                 )
             )
         return docs[0] if job.single else docs
@@ -219,13 +220,14 @@ class Encoder:
 
     def _prepare(
         self, texts, max_length, truncate, *, prompt, prompt_name, normalize, normalize_embeddings, show_progress,
-        show_progress_bar,
+        show_progress_bar, count_cut=None,
     ) -> _Job | None:
         """The common start of encode and encode_chunks: check the switches (each under either spelling)
         and the texts, tokenize, truncate and lay out the rows. None for an empty sequence of texts."""
         spelling, normalize = one_spelling("normalize_embeddings", normalize_embeddings, "normalize", normalize)
         normalize = True if normalize is None else require_bool(spelling, normalize)
         truncate = require_bool("truncate", truncate)
+        count_cut = not truncate if count_cut is None else count_cut
         spelling, show_progress = one_spelling("show_progress_bar", show_progress_bar, "show_progress", show_progress)
         show_progress = require_bool(spelling, show_progress, allow_none=True)
         prompt_spelling, prompt = one_spelling("prompt_name", prompt_name, "prompt", prompt)
@@ -235,7 +237,9 @@ class Encoder:
         prompt_ids = self.tokenizer.prompt_ids(prompt, name_only=prompt_spelling == "prompt_name")
         max_length = self._max_length(max_length)
         budget = self.tokenizer.text_budget(prompt_ids, max_length)
-        tokens = self.tokenizer.encode_texts(texts)
+        # Tokenized only as far as a row holds: the tokens past the budget are counted where a result
+        # reports them (encode_chunks' truncated_tokens, truncate=False's error), never kept.
+        tokens = self.tokenizer.encode_texts(texts, limit=budget, count=count_cut)
         kept = self._apply_truncation(tokens, budget, truncate, max_length)
         rows = [self.tokenizer.row(prompt_ids, t.ids[:n]) for t, n in zip(tokens, kept)]
         return _Job(texts, single, tokens, kept, rows, 1 + len(prompt_ids), normalize, show_progress)
@@ -253,20 +257,23 @@ class Encoder:
     @staticmethod
     def _apply_truncation(tokens: list[TextTokens], budget: int, truncate: bool, max_length: int) -> list[int]:
         """Text tokens kept per text; warn about the cut ones, or raise when truncation is off."""
-        kept = [min(len(t.ids), budget) for t in tokens]
-        cut = [i for i, (t, n) in enumerate(zip(tokens, kept)) if n < len(t.ids)]
+        kept = [len(t.ids) for t in tokens]
+        cut = [i for i, t in enumerate(tokens) if t.cut]
         if cut and not truncate:
             i = cut[0]
             raise ValueError(
-                f"texts[{i}] has {len(tokens[i].ids)} tokens but only {budget} fit in max_length={max_length} "
+                f"texts[{i}] has {tokens[i].total} tokens but only {budget} fit in max_length={max_length} "
                 "(with [CLS], [SEP] and the prompt); "
                 f"{len(cut)} text(s) are too long. Pass truncate=True to cut them, or split them with encode_chunks"
             )
         if cut:
-            dropped = sum(len(tokens[i].ids) - kept[i] for i in cut)
+            if all(tokens[i].total is not None for i in cut):
+                dropped = f"{sum(tokens[i].total - kept[i] for i in cut)} tokens dropped"
+            else:  # a long text is tokenized only as far as it is kept
+                dropped = "the tokens past the limit of texts longer than one tokenizer piece are not counted"
             warnings.warn(
                 f"{len(cut)} of {len(tokens)} texts exceeded {budget} text tokens and were truncated "
-                f"({dropped} tokens dropped; first: texts[{cut[0]}]). Pass truncate=False to raise instead.",
+                f"({dropped}; first: texts[{cut[0]}]). Pass truncate=False to raise instead.",
                 TruncationWarning,
                 stacklevel=4,
             )
