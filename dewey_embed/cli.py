@@ -104,8 +104,7 @@ def main(inputs, out, model, backend, device, mode, chunks, chunk_size, chunk_ov
     Exit codes: 0 all documents embedded; 2 bad usage or input (missing INPUT, unusable model or
     option, OUT not usable); 3 finished, but some documents failed (see OUT/errors.jsonl).
     """
-    from .inputs import (DEFAULT_GLOBS, WINDOW_CHARS, Fields, InputError, Seen, count_documents, input_roots,
-                         input_tables, list_files)
+    from .inputs import DEFAULT_GLOBS, WINDOW_CHARS, Fields, InputError, Seen, count_documents, input_tables, list_files
     from .pipeline import BatchEmbedder, EmbedOptions, Progress, write_results
     from .shards import ERRORS_FILE, OutputError, open_output, read_manifest
 
@@ -119,8 +118,6 @@ def main(inputs, out, model, backend, device, mode, chunks, chunk_size, chunk_ov
                            log=_log)
     except InputError as exc:
         raise BadInput(str(exc)) from None
-    added = input_roots(inputs)
-    seen = Seen([*seen.roots, *(root for root in added.roots if root not in seen.roots)], {**added.files, **seen.files})
     if use_ray:
         from .ray_runner import RayMissing, import_ray
 

@@ -216,8 +216,8 @@ def _walk(root: Path, patterns: list[tuple[str, ...]], exclude: Path | None, fol
                 continue
             path, relative = folder / entry.name, parts + (entry.name,)
             wanted = any(_matches(relative, pattern) for pattern in patterns)
-            real = Path(os.path.realpath(path))
             if entry.is_symlink():
+                real = Path(os.path.realpath(path))
                 if not os.path.exists(path):
                     if wanted:
                         skipped.broken.append(path)
@@ -227,11 +227,12 @@ def _walk(root: Path, patterns: list[tuple[str, ...]], exclude: Path | None, fol
                         skipped.outside.append((path, str(real)))
                     continue
             try:
-                mode = os.stat(path).st_mode
+                mode = entry.stat().st_mode  # the link's target, for a link
             except OSError as exc:
                 log(f"skipped {path}: {exc.strerror or exc}")
                 continue
             if stat.S_ISDIR(mode):
+                real = Path(os.path.realpath(path))
                 if real in visited or (exclude is not None and real == exclude):
                     continue  # a folder met before (a link to it, a loop), or OUT
                 output = dewey_output(path)
@@ -257,7 +258,8 @@ def list_files(inputs: Iterable[Path], globs: Iterable[str] = DEFAULT_GLOBS, exc
     output folder, whose shards are Parquet files too) is left out; a file named twice is read once.
     Raises InputError for a path that does not exist, is not a regular file or folder, or is an output of
     dewey, for a folder with no file to read, and for a bad pattern; ``log`` gets a line for each kind of
-    thing left out."""
+    thing left out. ``seen`` gains this run's INPUT folders and files (with the names they got), for OUT's
+    manifest."""
     patterns = [PurePosixPath(pattern).parts for pattern in check_globs(globs)]
     excluded = exclude.resolve() if exclude is not None else None
     seen = seen or Seen()
@@ -279,9 +281,12 @@ def list_files(inputs: Iterable[Path], globs: Iterable[str] = DEFAULT_GLOBS, exc
                      for relative, _ in _walk(root, patterns, excluded, follow_symlinks, log)]
             if not found:
                 raise MissingInput(f"no files to read in the folder {entry} (patterns: {' '.join(globs)}; see --glob)")
+            if str(root) not in seen.roots:
+                seen.roots.append(str(root))
         elif stat.S_ISREG(mode):
             path = entry.absolute().parent.resolve() / entry.name
             found = [(path, entry.name)]
+            seen.files.setdefault(str(path), seen.name(path, entry.name))
         else:
             raise InputError(f"input {entry} is not a regular file or a folder (a {_kind(mode)}): "
                              "dewey-embed reads regular files only")
@@ -292,17 +297,6 @@ def list_files(inputs: Iterable[Path], globs: Iterable[str] = DEFAULT_GLOBS, exc
             read.add(resolved)
             files.append(InputFile(path, seen.name(path, name)))
     return files
-
-
-def input_roots(inputs: Iterable[Path]) -> Seen:
-    """What this run's INPUTs add to OUT's ``Seen``: its folders (resolved) and its files with their names."""
-    added = Seen()
-    for entry in map(Path, inputs):
-        if entry.is_dir():
-            added.roots.append(str(entry.resolve()))
-        else:
-            added.files[str(entry.absolute().parent.resolve() / entry.name)] = entry.name
-    return added
 
 
 def file_kind(path: Path) -> str:

@@ -149,7 +149,6 @@ def publish_folder(staging: Path, out: Path) -> None:
     A crash between the two renames leaves the old folder as ``.{out}.{pid}.{random}.old``;
     ``clean_leftovers(out.parent, out.name)`` puts it back.
     """
-    _unmark(staging)
     if out.exists():
         old = _temporary_name(out, "old")
         # Marked before the move: a crash between the renames leaves an .old that cleanup may restore.
@@ -159,6 +158,9 @@ def publish_folder(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(out)
+    # Unmarked only once in place: a crash before leaves a staging folder cleanup still recognises (and,
+    # after, an empty hidden folder in out, which file tables never list).
+    _unmark(out)
 
 
 def discard_folder(folder: Path) -> None:
