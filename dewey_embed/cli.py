@@ -188,8 +188,8 @@ def main(inputs, out, model, backend, device, mode, chunks, chunk_size, chunk_ov
 def _settings(model: Path, backend: str, options, fields) -> tuple:
     """The options with the model's default mode filled in, and the settings a resumed run must share:
     the model's files (sha256; an export folder's from its verified manifest), backend, the precision it
-    runs in on this machine, the vector options and the id/text fields. Checks the options against the model's config and tokenizer
-    (ModelFileError, ValueError) before anything is written."""
+    runs in on this machine, the vector options and the id/text fields. Checks the options against the
+    model's config and tokenizer (ModelFileError, ValueError) before anything is written."""
     from dataclasses import replace
 
     from runtimes.config import load_config

@@ -332,10 +332,11 @@ def read_file(file: InputFile, fields: Fields) -> Iterator[dict]:
     try:
         yield from readers[file_kind(file.path)](file, fields)
     except (OSError, pa.ArrowException) as exc:
-        yield error_row(None, file.path, f"cannot read the file: {exc.strerror or exc if isinstance(exc, OSError) else exc}")
+        yield error_row(None, file.path, f"cannot read the file: {exc}")
 
 
-def input_tables(files: Iterable[InputFile], fields: Fields, rows: int, max_chars: int | None = None) -> Iterator[pa.Table]:
+def input_tables(files: Iterable[InputFile], fields: Fields, rows: int,
+                 max_chars: int | None = None) -> Iterator[pa.Table]:
     """The rows of ``files`` in order, as ``INPUT_SCHEMA`` tables of ``rows`` rows (the last may be
     shorter), and holding about ``max_chars`` characters of text at most (a table is cut after the row
     that reaches it); a table spans files, so a folder of small text files still fills whole windows."""
@@ -391,7 +392,7 @@ def error_row(doc_id: str | None, source: Path, message: str) -> dict:
 
 def document_row(doc_id: str, source: Path, text: str) -> dict:
     """A document's row, or an error row when there is nothing to embed or the text is not valid Unicode."""
-    if not text.strip():
+    if not text or text.isspace():  # not strip(): no copy of a huge text
         return error_row(doc_id, source, "empty text: there is nothing to embed")
     try:
         check_encodable("the text", text)
@@ -446,7 +447,8 @@ def _jsonl_row(file: InputFile, number: int, raw: bytes, fields: Fields) -> dict
     try:
         record = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        return error_row(location, path, f"line {number} is not UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}")
+        return error_row(location, path,
+                         f"line {number} is not UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}")
     except json.JSONDecodeError as exc:
         return error_row(location, path, f"line {number} is not JSON: {exc}")
     if not isinstance(record, dict):

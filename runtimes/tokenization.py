@@ -9,6 +9,7 @@ concatenated string.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS_PER_ROW = 2
 # Prompt names users pass by name; never taken as literal prompt text.
 STANDARD_PROMPT_NAMES = ("query", "passage")
+# A surrogate code point: half of a UTF-16 pair, never a character of valid Unicode.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # Sequences of bytes, not of strings: refused as texts rather than embedded item by item.
 _BINARY_TYPES = (bytes, bytearray, memoryview)
 # Characters tokenized in one call. The Rust tokenizer keeps about 140 bytes per character while it
@@ -79,7 +82,7 @@ def check_texts(texts) -> tuple[list[str], bool]:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
-        if not text.strip():
+        if not text or text.isspace():  # not strip(): no copy of a huge text
             raise ValueError(f"texts[{i}] is empty or only whitespace: there is nothing to embed")
         check_encodable(f"texts[{i}]", text)
     return texts, single
@@ -103,15 +106,15 @@ def check_encodable(name: str, text: str) -> None:
 
     A Python str can hold surrogates (``errors="surrogateescape"`` decoding, a JSON "\\ud800" escape);
     they are halves of UTF-16 pairs, not characters, and the tokenizer refuses the whole batch with a
-    TypeError that names neither the text nor the position. UTF-8 encoding finds the first one in C.
+    TypeError that names neither the text nor the position. A regular expression finds the first one in
+    C without copying the text (encoding it to UTF-8 would).
     """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
+    found = _SURROGATE.search(text)
+    if found:
         raise ValueError(
-            f"{name} has a lone surrogate {text[exc.start]!r} at character {exc.start}, which is not "
+            f"{name} has a lone surrogate {found.group()!r} at character {found.start()}, which is not "
             "valid Unicode: decode the source with errors='replace' or fix the string"
-        ) from None
+        )
 
 
 def read_tokenizer_file(path: str | Path):

@@ -299,7 +299,8 @@ def test_the_triton_mark_is_the_exporters():
 def test_a_device_as_input_exits_2_before_out(checkpoint, embed, tmp_path):
     out = tmp_path / "out"
     line = one_line(embed("/dev/zero", "--out", out, "--model", checkpoint))
-    assert line == "Error: input /dev/zero is not a regular file or a folder (a device): dewey-embed reads regular files only"
+    assert line == ("Error: input /dev/zero is not a regular file or a folder (a device): "
+                    "dewey-embed reads regular files only")
     assert not out.exists()
 
 
