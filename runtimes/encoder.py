@@ -131,7 +131,9 @@ class Encoder:
         show_progress_bar (alias show_progress): True, False or None (automatic). Giving both spellings
         of one option raises TypeError.
         truncate: cut texts longer than ``max_length`` (default: the model's maximum) and warn with a
-        ``TruncationWarning``; with False such a text raises ValueError instead.
+        ``TruncationWarning``; with False such a text raises ValueError instead. A text is tokenized only
+        as far as its row holds (runtimes.tokenization.DeweyTokenizer.token_pieces), so a huge string
+        costs what is embedded, not its length.
         """
         mode = self._mode(mode)
         job = self._prepare(
@@ -170,7 +172,9 @@ class Encoder:
         of the model's tokenizer; splitter is ``tokens`` (fixed windows on token ids), ``words``
         (windows ending at word boundaries) or ``recursive`` (paragraph, line, sentence, word
         boundaries); the spans come from ``runtimes.chunking.chunk_spans``. Each document also carries
-        its single ``vector`` in ``mode`` (as for ``encode``), pooled from the same pass.
+        its single ``vector`` in ``mode`` (as for ``encode``), pooled from the same pass. The tokens past
+        ``max_length`` are tokenized piece by piece only to be counted (``truncated_tokens``): memory
+        follows what is embedded, time the length of the text.
         """
         check_chunk_args(chunk_size, chunk_overlap, splitter)
         mode = self._mode(mode)

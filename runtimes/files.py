@@ -1,8 +1,9 @@
 """Small file helpers shared by every part: atomic files and folders, and the cleanup of what an
 interrupted writer left behind.
 
-Every temporary name made here is ``.{target}.{pid}.{random}.tmp`` (a file or folder being written) or
-``.{target}.{pid}.{random}.old`` (the previous folder, moved aside during a swap), beside the target.
+Every temporary name made here is ``.{target}.{pid}.{random}.tmp`` (a file or folder being written),
+``.{target}.{pid}.{random}.old`` (the previous folder, moved aside during a swap) or
+``.{target}.{pid}.{random}.new`` (a folder being marked before it becomes a ``.tmp``), beside the target.
 The writer's process id in the name is what lets a later run tell a crashed writer's leftovers (the
 process is gone) from a concurrent writer's work in progress (the process is alive).
 
@@ -22,7 +23,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.(?P<kind>tmp|old)$")
+_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.(?P<kind>tmp|old|new)$")
 # The mark inside every temporary folder made here (an empty folder: file tables, which list files,
 # never see it); removed when the folder is published under its target's name.
 LEFTOVER_MARK = ".dewey-temporary"
@@ -49,11 +50,14 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _marked_folder(path: Path) -> Path:
-    """Make the temporary folder ``path`` with its mark inside."""
-    path.mkdir()
-    (path / LEFTOVER_MARK).mkdir()
-    return path
+def _marked_folder(target: Path) -> Path:
+    """A new temporary folder for ``target``, its mark inside from the moment it has its name: made and
+    marked as ``.new`` first, then renamed (a kill in between leaves a ``.new``, a leftover like any)."""
+    tmp, new = _temporary_name(target, "tmp"), _temporary_name(target, "new")
+    new.mkdir()
+    (new / LEFTOVER_MARK).mkdir()
+    new.rename(tmp)
+    return tmp
 
 
 def _unmark(path: Path) -> None:
@@ -134,7 +138,7 @@ def staged_folder(target: str | Path):
     temporary folder is removed and ``target`` is left as it was."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _marked_folder(_temporary_name(target, "tmp"))
+    tmp = _marked_folder(target)
     try:
         yield tmp
         publish_folder(tmp, target)

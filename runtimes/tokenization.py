@@ -190,8 +190,8 @@ class DeweyTokenizer:
     def encode_texts(self, texts: list[str], limit: int | None = None, count: bool = True) -> list[TextTokens]:
         """Tokenize texts (no special tokens). ``limit``: keep the first ``limit`` tokens of each text and
         tokenize no further than needed to know whether there are more, unless ``count`` (then the rest
-        is tokenized piece by piece only to be counted, in ``total``). Work and memory follow the tokens
-        kept, not the length of the text: see ``token_pieces``."""
+        is tokenized piece by piece only to be counted, in ``total``). Memory follows the tokens kept,
+        never the length of the text, and so does the work without ``count``: see ``token_pieces``."""
         out = []
         for i, text in enumerate(texts):
             tokens = self.bounded_tokens(text, limit, count)
@@ -216,14 +216,14 @@ class DeweyTokenizer:
                           np.concatenate(offsets or [np.zeros((0, 2), np.int64)]), total)
 
     def token_pieces(self, text: str):
-        """The tokens of ``text`` (ids int64 [n], offsets int64 [n, 2] into ``text``, and whether the part is
-        the last) in successive parts,
-        tokenizing ``TOKENIZE_PIECE_CHARS`` characters at a time, so a caller that stops early never pays
-        for the rest of the text. Each part ends before the piece's last ``UNSETTLED_WORDS`` words (which
-        the next piece tokenizes again, from the end of the last token kept): the same tokens as one call
-        over the whole text, for tokenizers whose normaliser and pre-tokenizer act within words (BERT's
-        WordPiece as Dewey's, byte-level BPE, Metaspace), except inside a single word longer than
-        ``MAX_TOKENIZE_PIECE_CHARS``."""
+        """The tokens of ``text`` in successive parts (ids int64 [n], offsets int64 [n, 2] into ``text``,
+        and whether the part is the last), tokenizing ``TOKENIZE_PIECE_CHARS`` characters at a time, so a
+        caller that stops early never pays for the rest of the text. Each part ends before the piece's
+        last ``UNSETTLED_WORDS`` words and any added token the piece's end may have cut; the next piece
+        starts at the end of the last token kept. The parts join into the tokens of one call over the
+        whole text for tokenizers whose normaliser and pre-tokenizer act within words, as the BERT
+        WordPiece of Dewey's models (the tests compare them on random texts), except inside a single word
+        longer than ``MAX_TOKENIZE_PIECE_CHARS``."""
         start, size = 0, TOKENIZE_PIECE_CHARS
         while start < len(text):
             end = start + size
