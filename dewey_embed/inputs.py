@@ -346,9 +346,11 @@ def input_tables(files: Iterable[InputFile], fields: Fields, rows: int,
         for row in read_file(file, fields):
             pending.append(row)
             chars += len(row["text"] or "")
+            del row  # the table is the one copy of the texts while it is embedded
             if len(pending) == rows or (max_chars is not None and chars >= max_chars):
-                yield pa.Table.from_pylist(pending, schema=INPUT_SCHEMA)
-                pending, chars = [], 0
+                table = pa.Table.from_pylist(pending, schema=INPUT_SCHEMA)
+                pending, chars = [], 0  # before the yield: the rows' strings are not kept while it is embedded
+                yield table
     if pending:
         yield pa.Table.from_pylist(pending, schema=INPUT_SCHEMA)
 
@@ -402,6 +404,12 @@ def document_row(doc_id: str, source: Path, text: str) -> dict:
 
 
 def _text_rows(file: InputFile, fields: Fields) -> Iterator[dict]:
+    # The row comes from a function, so this generator's frame holds no copy of a huge text while the
+    # row travels on.
+    yield _text_row(file, fields)
+
+
+def _text_row(file: InputFile, fields: Fields) -> dict:
     # Decoded from bytes, not read in text mode: universal newlines would turn \r\n into \n, and the
     # chunks' character spans must index the file's own text.
     with _open_regular(file.path) as handle:
@@ -409,15 +417,13 @@ def _text_rows(file: InputFile, fields: Fields) -> Iterator[dict]:
         # Read one byte past the limit: a file that grew since fstat is still caught.
         data = b"" if size > fields.max_bytes else handle.read(fields.max_bytes + 1)
     if size > fields.max_bytes or len(data) > fields.max_bytes:
-        yield error_row(file.name, file.path, _too_large(max(size, len(data)), fields, "the file"))
-        return
+        return error_row(file.name, file.path, _too_large(max(size, len(data)), fields, "the file"))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        yield error_row(file.name, file.path, f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start}")
-        return
+        return error_row(file.name, file.path, f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start}")
     del data
-    yield document_row(file.name, file.path, text)
+    return document_row(file.name, file.path, text)
 
 
 def _jsonl_rows(file: InputFile, fields: Fields) -> Iterator[dict]:

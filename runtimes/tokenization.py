@@ -206,8 +206,9 @@ class DeweyTokenizer:
         ids, offsets, total = [], [], 0
         for piece_ids, piece_offsets, last in self.token_pieces(text):
             room = len(piece_ids) if limit is None else max(limit - total, 0)
-            ids.append(piece_ids[:room])
-            offsets.append(piece_offsets[:room])
+            if room:  # an empty slice would be a view keeping the whole piece alive
+                ids.append(piece_ids[:room])
+                offsets.append(piece_offsets[:room])
             total += len(piece_ids)
             if limit is not None and total > limit and not count and not last:
                 total = None
