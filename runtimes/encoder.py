@@ -53,6 +53,7 @@ class ChunkedDocument:
     windows: int = 1
     vector_is_approximate: bool = False
     chunks_are_approximate: bool = False
+    n_tokens: int = 0  # the text's tokens, every one of them embedded
 
 
 def one_spelling(name: str, value, alias: str, alias_value) -> tuple[str, object]:
@@ -104,7 +105,8 @@ def prefixed_tokens(joined: list[TextTokens], prompt_chars: int) -> tuple[list[T
         first = int(np.searchsorted(tok.offsets[:, 1], prompt_chars, side="right"))
         if first >= len(tok.ids):
             raise ValueError("a text produced no tokens after the prompt: there is nothing to embed")
-        tokens.append(TextTokens(tok.ids[first:], np.maximum(tok.offsets[first:] - prompt_chars, 0)))
+        total = None if tok.total is None else tok.total - first
+        tokens.append(TextTokens(tok.ids[first:], np.maximum(tok.offsets[first:] - prompt_chars, 0), total))
         prefixes.append(tok.ids[:first])
     return tokens, prefixes
 
@@ -201,7 +203,9 @@ class Encoder:
         in overlapping windows (``window_overlap`` tokens, default
         ``runtimes.windows.default_window_overlap``), its vector the mean over every token's state from
         the window where it has the most context; other modes and span rules come from one pass only,
-        so such a text raises ValueError.
+        so such a text raises ValueError. With truncation a text is tokenized only as far as its row
+        holds (``runtimes.tokenization.DeweyTokenizer.token_pieces``), so a huge string costs what is
+        embedded, not its length.
         dimensions: keep the first N values of each vector (Matryoshka), then normalise again; only the
         dimensions the model declares (``config.matryoshka_dimensions``) are accepted.
         """
@@ -320,6 +324,7 @@ class Encoder:
                         windows=windows,
                         vector_is_approximate=windows > 1 and (mode != "mean" or self.config.mean_tokens != "text"),
                         chunks_are_approximate=windows > 1 and not self.config.head_affine,
+                        n_tokens=job.kept[i],
                     )
                 )
             return docs[0] if job.single else docs
@@ -382,12 +387,16 @@ class Encoder:
             prompt, prompt_spelling = self.config.default_prompt_name, "prompt_name"
         prompt_ids = self.tokenizer.prompt_ids(prompt, name_only=prompt_spelling == "prompt_name")
         max_length = self._max_length(max_length)
+        # Tokenized only as far as a row holds unless every token is used (windowed): the tokens past the
+        # room are counted only where a result reports them (truncate=False's error), never kept.
+        count = not truncate
         if self.config.prompt_style == "prefix" and len(prompt_ids):
             # The prompt string joins the text before tokenization, as sentence-transformers does.
             prompt_text = self.tokenizer.resolve_prompt(prompt, name_only=prompt_spelling == "prompt_name")
-            joined = self.tokenizer.encode_texts([prompt_text + text for text in texts])
-            tokens, prefixes = prefixed_tokens(joined, len(prompt_text))
             room = self.tokenizer.text_budget(prompt_ids[:0], max_length)
+            joined = self.tokenizer.encode_texts([prompt_text + text for text in texts],
+                                                 limit=None if windowed else room, count=count)
+            tokens, prefixes = prefixed_tokens(joined, len(prompt_text))
             budgets = [room - len(prefix) for prefix in prefixes]
             if min(budgets) < 1:
                 raise ValueError(
@@ -396,7 +405,7 @@ class Encoder:
                 )
         else:
             budget = self.tokenizer.text_budget(prompt_ids, max_length)
-            tokens = self.tokenizer.encode_texts(texts)
+            tokens = self.tokenizer.encode_texts(texts, limit=None if windowed else budget, count=count)
             prefixes, budgets = [prompt_ids] * len(texts), [budget] * len(texts)
         if windowed:
             kept = [len(t.ids) for t in tokens]
@@ -417,22 +426,27 @@ class Encoder:
 
     @staticmethod
     def _apply_truncation(tokens: list[TextTokens], budgets: list[int], truncate: bool, max_length: int) -> list[int]:
-        """Text tokens kept per text; warn about the cut ones, or raise when truncation is off."""
+        """Text tokens kept per text; warn about the cut ones, or raise when truncation is off. ``tokens``
+        were tokenized up to the budget (``DeweyTokenizer.encode_texts``' limit): ``cut`` and ``total``
+        say whether there are more and, where counted, how many."""
         kept = [min(len(t.ids), budget) for t, budget in zip(tokens, budgets)]
-        cut = [i for i, (t, n) in enumerate(zip(tokens, kept)) if n < len(t.ids)]
+        cut = [i for i, (t, n) in enumerate(zip(tokens, kept)) if t.cut or n < len(t.ids)]
         if cut and not truncate:
             i = cut[0]
             raise ValueError(
-                f"texts[{i}] has {len(tokens[i].ids)} tokens but only {budgets[i]} fit in max_length={max_length} "
+                f"texts[{i}] has {tokens[i].total} tokens but only {budgets[i]} fit in max_length={max_length} "
                 "(with [CLS], [SEP] and the prompt); "
                 f"{len(cut)} text(s) are too long. Pass truncate=True to cut them, or use encode_chunks (chunk "
                 "vectors over windows), or mode='mean' of a model whose mean is over the text (run in windows)"
             )
         if cut:
-            dropped = sum(len(tokens[i].ids) - kept[i] for i in cut)
+            if all(tokens[i].total is not None for i in cut):
+                dropped = f"{sum(tokens[i].total - kept[i] for i in cut)} tokens dropped"
+            else:  # a long text is tokenized only as far as it is kept
+                dropped = "the tokens past the limit of texts longer than one tokenizer piece are not counted"
             warnings.warn(
                 f"{len(cut)} of {len(tokens)} texts exceeded {budgets[cut[0]]} text tokens and were truncated "
-                f"({dropped} tokens dropped; first: texts[{cut[0]}]). Pass truncate=False to raise instead.",
+                f"({dropped}; first: texts[{cut[0]}]). Pass truncate=False to raise instead.",
                 TruncationWarning,
                 stacklevel=4,
             )
