@@ -79,6 +79,19 @@ def token_budget(config, tokenizer, options: EmbedOptions) -> int:
     return tokenizer.text_budget(tokenizer.prompt_ids(options.prompt), options.max_length or limit)
 
 
+def running_precision(backend: str, exported: str) -> str:
+    """The precision an export of precision ``exported`` runs in with ``backend`` on this machine: its
+    own, except on openvino, which compiles a bf16 export in fp32 on a CPU without native bfloat16 (the
+    backend's own rule, asked here without loading the model). A resumed run compares it with OUT's."""
+    if backend != "openvino":
+        return exported
+    import openvino
+
+    from runtimes.backends import openvino_backend
+
+    return openvino_backend.inference_precision(None, openvino_backend.cpu_has_bf16(openvino.Core()), exported)
+
+
 def thread_options(backend: str, threads: int | None) -> dict:
     """Limit the Encoder to ``threads`` CPU threads (one of several on a machine): torch's thread count is
     per process and set here; ONNX Runtime's is a session option, returned for ``load``."""
@@ -94,11 +107,17 @@ def thread_options(backend: str, threads: int | None) -> dict:
 
 class BatchEmbedder:
     """One Encoder, and the function from a window of input rows to a result table. Rows whose id is in
-    ``done_ids`` (the documents already in OUT) pass through as ``done``, unembedded."""
+    ``done_ids`` (the documents already in OUT) pass through as ``done``, unembedded. ``precision``: what
+    the run's settings say the backend runs; a backend that reports another (a Ray node whose CPU lacks
+    bfloat16) raises ValueError before embedding anything."""
 
     def __init__(self, model: str, backend: str, device: str | None, options: EmbedOptions,
-                 done_ids: frozenset = frozenset(), threads: int | None = None):
+                 done_ids: frozenset = frozenset(), threads: int | None = None, precision: str | None = None):
         self.encoder = load(model, backend=backend, device=device, **thread_options(backend, threads))
+        running = getattr(self.encoder.backend, "precision", None)
+        if precision is not None and running is not None and running != precision:
+            raise ValueError(f"the {backend} backend runs {model} in {running} on this machine, not in {precision} "
+                             "as the run's settings say")
         self.options = options
         self.done_ids = done_ids
         self.schema = result_schema(self.encoder.vector_size, options.chunks)
@@ -110,28 +129,34 @@ class BatchEmbedder:
                   for row in rows]
         errors = [row["error"] for row in rows]
         pending = [i for i, state in enumerate(status) if state == EMBEDDED]
-        # Token counts for n_tokens and truncated_tokens; a text the tokenizer reduces to nothing (only
-        # characters it drops) would fail the whole window inside the Encoder, so it fails alone here.
-        encodings = self.encoder.tokenizer.tokenizer.encode_batch([rows[i]["text"] for i in pending],
-                                                                  add_special_tokens=False)
+        # Token counts for n_tokens and truncated_tokens, tokenized piece by piece: past the budget the
+        # tokens are only counted (here; with chunks encode_chunks windows them all and says how many),
+        # so a huge text costs time, never memory. A text the tokenizer reduces to nothing (only characters it drops) would
+        # fail the whole window inside the Encoder, so it fails alone here.
         n_tokens = [None] * len(rows)
-        for i, encoding in zip(pending, encodings):
-            n_tokens[i] = len(encoding.ids)
-            if not n_tokens[i]:
+        for i in pending:
+            n_tokens[i] = self.encoder.tokenizer.bounded_tokens(rows[i]["text"], self._budget,
+                                                                count=not self.options.chunks).total
+            if n_tokens[i] == 0:
                 status[i], errors[i] = FAILED, "the text has no tokens: there is nothing to embed"
         pending = [i for i in pending if status[i] == EMBEDDED]
         embedded = np.zeros(len(rows), dtype=bool)
         embedded[pending] = True
         vectors = np.zeros((len(rows), self.encoder.vector_size), dtype=np.float32)
         documents = self._embed([rows[i]["text"] for i in pending], vectors, pending)
+        for i, document in zip(pending, documents):
+            if n_tokens[i] is None:  # longer than the budget: encode_chunks windowed all of it
+                n_tokens[i] = document.n_tokens
 
+        # With chunks, a document over the row runs in windows (Encoder.encode_chunks): nothing is cut.
+        budget = float("inf") if self.options.chunks else self._budget
         columns = {
             "id": [row["id"] for row in rows],
             "source": [row["source"] for row in rows],
             "status": status,
             "error": errors,
-            "n_tokens": [min(n, self._budget) if ok else None for n, ok in zip(n_tokens, embedded)],
-            "truncated_tokens": [max(n - self._budget, 0) if ok else None for n, ok in zip(n_tokens, embedded)],
+            "n_tokens": [min(n, budget) if ok else None for n, ok in zip(n_tokens, embedded)],
+            "truncated_tokens": [max(n - budget, 0) if ok else None for n, ok in zip(n_tokens, embedded)],
         }
         arrays = [pa.array(values, type=self.schema.field(name).type) for name, values in columns.items()]
         arrays.append(_vectors(vectors, null=~embedded))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .inputs import READ_ROWS, Fields, input_tables
+from .inputs import READ_ROWS, Fields, InputFile, input_tables
 from .pipeline import BatchEmbedder
 
 RAY_INSTALL = "pip install 'dewey[ray]'"
@@ -54,11 +54,11 @@ def import_ray():
 
 def read_files(batch: pa.Table, fields: Fields) -> Iterator[pa.Table]:
     """The read stage: the document rows of the files named in ``batch``, streamed in tables."""
-    for path in batch["path"].to_pylist():
-        yield from input_tables([Path(path)], fields, READ_ROWS)
+    for path, name in zip(batch["path"].to_pylist(), batch["name"].to_pylist()):
+        yield from input_tables([InputFile(Path(path), name)], fields, READ_ROWS)
 
 
-def ray_results(files: list[Path], fields: Fields, embedder: dict, shard_size: int, address: str | None,
+def ray_results(files: list[InputFile], fields: Fields, embedder: dict, shard_size: int, address: str | None,
                 workers: int | None, worker_cpus: int, gpu: bool) -> tuple[int, Iterator[pa.Table]]:
     """Join (or start) the cluster and plan the run: the number of actors, and the result tables
     (pipeline.result_schema) of all ``files``, computed as they are consumed. ``embedder``: the
@@ -72,7 +72,7 @@ def ray_results(files: list[Path], fields: Fields, embedder: dict, shard_size: i
     if workers is None:
         resources = ray.cluster_resources()
         workers = max(1, int(resources.get("GPU", 0)) if gpu else int(resources.get("CPU", 1)) // worker_cpus)
-    dataset = ray.data.from_items([{"path": str(path)} for path in files],
+    dataset = ray.data.from_items([{"path": str(file.path), "name": file.name} for file in files],
                                   override_num_blocks=min(len(files), MAX_READ_TASKS))
     dataset = dataset.map_batches(read_files, fn_kwargs={"fields": fields}, batch_size=1, batch_format="pyarrow",
                                   num_cpus=READ_TASK_CPUS)

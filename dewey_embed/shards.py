@@ -9,9 +9,11 @@ A shard is written atomically (a temporary name, then a rename: runtimes.files.a
 file first and its documents file last, so a documents file is the mark of a complete shard and its
 ``id`` column the list of documents it holds. A re-run reads those ids and skips their documents: a
 killed run loses at most the shards it was writing, and never leaves a document twice or half of one.
-What a killed run left (temporary files, a chunks file whose documents file never came) is removed.
-The manifest is the first file written into a new OUT, so a folder without one is never taken for an
-output of dewey-embed.
+What a killed run left (temporary files, a chunks file whose documents file never came) is removed:
+only temporary files of the names dewey-embed writes (the manifest, shards), and only in an OUT that
+holds its manifest. The manifest is the first file written into a new OUT, so a folder without one is
+never taken for an output of dewey-embed (one holding nothing but a dead run's temporary manifest
+file is started afresh).
 
 Vectors from another model or other options never mix into one OUT: the manifest's settings must
 match, or the run stops (``--overwrite`` starts over). Only an OUT that holds nothing but what
@@ -39,11 +41,14 @@ ERRORS_FILE = "errors.jsonl"
 DOCUMENTS_DIR = "documents"
 CHUNKS_DIR = "chunks"
 TOOL = "dewey-embed"
-# 1: documents/ and chunks/ shards, settings compared on resume.
-MANIFEST_FORMAT = 1
+# 1: documents/ and chunks/ shards, settings compared on resume. 2: ids from names relative to the
+# INPUT root (format 1's were paths as typed), and the roots and files seen (``seen``).
+MANIFEST_FORMAT = 2
 _SHARD = re.compile(r"^part-(\d{6,})\.parquet$")
 # What dewey-embed writes at the top of OUT: all that --overwrite may remove.
 _OURS = {MANIFEST_FILE, ERRORS_FILE, DOCUMENTS_DIR, CHUNKS_DIR}
+# The targets of the temporary files dewey-embed writes, per folder of OUT: all that cleanup removes.
+_TEMPORARY_TARGETS = {"": lambda name: name == MANIFEST_FILE, DOCUMENTS_DIR: _SHARD.match, CHUNKS_DIR: _SHARD.match}
 # Settings recorded for information only: a model folder that moved still holds the same model.
 _INFORMATIVE_SETTINGS = ("model.path",)
 
@@ -152,9 +157,10 @@ class OutputFolder:
 
     def _prepare(self) -> None:
         """Remove what a killed run left, read the complete shards, start this run's errors.jsonl."""
-        for folder in (self.out, self.out / DOCUMENTS_DIR, self.out / CHUNKS_DIR):
+        for name, targets in _TEMPORARY_TARGETS.items():
+            folder = self.out / name
             folder.mkdir(exist_ok=True)
-            clean_leftovers(folder, log=self.log)
+            clean_leftovers(folder, log=self.log, targets=targets)
         documents = _shards(self.out / DOCUMENTS_DIR)
         for index, path in _shards(self.out / CHUNKS_DIR).items():
             if index not in documents:
@@ -200,13 +206,15 @@ def _shards(folder: Path) -> dict[int, Path]:
 
 
 @contextmanager
-def open_output(out: Path, settings: dict, overwrite: bool, log):
+def open_output(out: Path, settings: dict, overwrite: bool, log, seen: dict | None = None):
     """OUT ready for this run's shards, locked against other runs until the block ends.
 
     A new or empty OUT is started; a previous output with the same settings is resumed (its complete
     shards' documents are in ``done_ids``); other settings raise OutputError listing them, unless
     ``overwrite`` (then the previous output is removed and the run starts over). A folder that is not
-    a dewey-embed output is never used, and never cleared.
+    a dewey-embed output is never used, and never cleared. ``seen``: the INPUT roots and files of this
+    run and the earlier ones (inputs.Seen), recorded in the manifest so that a later run names files
+    as these did.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -220,12 +228,19 @@ def open_output(out: Path, settings: dict, overwrite: bool, log):
             differences = setting_differences(previous["settings"], settings)
             if overwrite:
                 _clear(out, log)
+            elif previous.get("format") != MANIFEST_FORMAT:
+                raise OutputError(
+                    f"--out {out} was written by another version of dewey-embed (manifest format "
+                    f"{previous.get('format')!r}, this one writes {MANIFEST_FORMAT}: document ids are now names "
+                    "relative to the INPUT folder); choose another --out, or pass --overwrite to replace it"
+                )
             elif differences:
                 raise OutputError(
                     f"--out {out} holds vectors made with other settings ({'; '.join(differences)}); "
                     "choose another --out, or pass --overwrite to replace them"
                 )
-        folder = OutputFolder(out, {"tool": TOOL, "format": MANIFEST_FORMAT, "settings": settings}, log)
+        folder = OutputFolder(out, {"tool": TOOL, "format": MANIFEST_FORMAT, "settings": settings,
+                                    "seen": seen or {"roots": [], "files": {}}}, log)
         try:
             folder._write_manifest()  # first: from here on OUT is a dewey-embed output, whatever happens
             folder._prepare()
@@ -235,10 +250,10 @@ def open_output(out: Path, settings: dict, overwrite: bool, log):
 
 
 def _check_usable(out: Path) -> dict | None:
-    """OUT's manifest, or None for a folder that is empty but for a dead writer's temporary files;
-    OutputError for anything else."""
+    """OUT's manifest, or None for a folder that is empty but for a dead run's temporary manifest file
+    (a run killed while it began OUT); OutputError for anything else."""
     manifest = read_manifest(out)
-    if manifest is None and set(out.iterdir()) - set(leftovers(out)):
+    if manifest is None and set(out.iterdir()) - set(leftovers(out, MANIFEST_FILE)):
         raise OutputError(
             f"--out {out} exists, is not empty and is not a dewey-embed output (no {TOOL} {MANIFEST_FILE}): "
             "dewey-embed never deletes what it did not write; choose another --out"
@@ -263,9 +278,9 @@ def _locked(out: Path):
 def _clear(out: Path, log) -> None:
     """Remove a previous dewey-embed output's shards and errors from ``out`` (its manifest is replaced
     next); refuse, removing nothing, if anything dewey-embed does not write is there."""
-    for folder in (out, out / DOCUMENTS_DIR, out / CHUNKS_DIR):
-        if folder.is_dir():
-            clean_leftovers(folder, log=log)
+    for name, targets in _TEMPORARY_TARGETS.items():
+        if (out / name).is_dir():
+            clean_leftovers(out / name, log=log, targets=targets)
     foreign = [path for path in out.iterdir() if path.name not in _OURS]
     shards = []
     for name in (DOCUMENTS_DIR, CHUNKS_DIR):

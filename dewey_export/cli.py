@@ -77,9 +77,13 @@ def main():
 def export_options(command):
     """The options every export subcommand shares, defined once."""
     options = [
-        click.option("--model", "model", type=click.Path(path_type=Path),
-                     help="Checkpoint folder to export (config.json, model.safetensors, tokenizer.json); "
-                          "default: the packaged dewey-mini."),
+        click.option("--model", "model",
+                     help="Model to export: a Dewey checkpoint, a ModernBERT, Dewey-release or sentence-transformers "
+                          "folder, or a Hub id org/name[@revision] (docs/models.md); default: the packaged "
+                          "dewey-mini."),
+        click.option("--head", default=None,
+                     help="The projection head's weight tensors, comma-separated (NAME[,NAME]), where their shapes "
+                          "in model.safetensors leave a choice (docs/models.md)."),
         click.option("--out", required=True, type=click.Path(path_type=Path),
                      help="Output folder; written atomically."),
         click.option("--overwrite", is_flag=True,
@@ -99,7 +103,7 @@ def export_options(command):
     return command
 
 
-def _export(target, model, out, overwrite, verify, gate_data) -> None:
+def _export(target, model, head, out, overwrite, verify, gate_data) -> None:
     """Run the pipeline for ``target``; a failed check exits 1 naming each failed report."""
     from .pipeline import export
 
@@ -108,7 +112,7 @@ def _export(target, model, out, overwrite, verify, gate_data) -> None:
 
         model = default_model_path()
         _log(f"No --model given: exporting the packaged default model {model}")
-    result = export(model, out, target, verify=verify, gate_data=gate_data, overwrite=overwrite, log=_log)
+    result = export(model, out, target, verify=verify, gate_data=gate_data, overwrite=overwrite, head=head, log=_log)
     if not result.passed:
         _report_failures(result.manifest.reports)
         raise VerificationFailed(f"{result.folder} failed its {', '.join(result.manifest.failed)} check(s); it was "
@@ -139,12 +143,12 @@ def _report_failures(reports: dict) -> None:
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Element type of the graph. fp16/bf16 keep LayerNorm, softmax, rotary tables and pooling "
                    "in fp32 inside the graph.")
-def onnx_command(model, out, overwrite, verify, gate_data, device, opset, attention, precision):
+def onnx_command(model, head, out, overwrite, verify, gate_data, device, opset, attention, precision):
     """An ONNX export folder (model.onnx, config, tokenizer, manifest)."""
     from .onnx_export import OnnxTarget
 
     target = OnnxTarget(form=device, opset=int(opset) if opset else None, attention=attention, precision=precision)
-    _export(target, model, out, overwrite, verify, gate_data)
+    _export(target, model, head, out, overwrite, verify, gate_data)
 
 
 @main.command("openvino")
@@ -152,11 +156,11 @@ def onnx_command(model, out, overwrite, verify, gate_data, device, opset, attent
 @click.option("--precision", type=click.Choice(["fp32", "bf16", INT8_WEIGHTS]), default=None,
               help="fp32, bf16 (the default where the CPU has native bfloat16) or int8 (int8 weights, bf16 "
                    "arithmetic).")
-def openvino_command(model, out, overwrite, verify, gate_data, precision):
+def openvino_command(model, head, out, overwrite, verify, gate_data, precision):
     """An OpenVINO IR folder (model.xml, model.bin, config, tokenizer, manifest) for OpenVINO's CPU plugin."""
     from .openvino_export import OpenVINOTarget
 
-    _export(OpenVINOTarget(precision=precision), model, out, overwrite, verify, gate_data)
+    _export(OpenVINOTarget(precision=precision), model, head, out, overwrite, verify, gate_data)
 
 
 @main.command("trt")
@@ -172,12 +176,12 @@ def openvino_command(model, out, overwrite, verify, gate_data, precision):
               help="Timing cache file, read and updated (default: ~/.cache/dewey/timing-GPU-TRT.cache).")
 @click.option("--version-compatible", is_flag=True,
               help="Build a version-compatible plan (runs on newer TensorRT of the same major).")
-def trt_command(model, out, overwrite, verify, gate_data, precision, buckets, workspace_gib, timing_cache,
+def trt_command(model, head, out, overwrite, verify, gate_data, precision, buckets, workspace_gib, timing_cache,
                 version_compatible):
     """A TensorRT engine folder: the gpu-form ONNX export and model.plan built from it on this GPU."""
     target = TensorRTTarget(precision=precision, buckets=buckets, workspace_gib=workspace_gib,
                             timing_cache=timing_cache, version_compatible=version_compatible)
-    _export(target, model, out, overwrite, verify, gate_data)
+    _export(target, model, head, out, overwrite, verify, gate_data)
 
 
 @main.command("triton")

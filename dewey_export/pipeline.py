@@ -23,6 +23,7 @@ The reference is PyTorch fp32 on the CPU for every target: one rule, and the exa
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from runtimes.export_format import (
     file_table,
     is_export_folder,
 )
-from runtimes.files import clean_leftovers, staged_folder
+from runtimes.files import LEFTOVER_MARK, atomic_path, clean_leftovers, staged_folder
 from runtimes.tokenization import TOKENIZER_FILE
 from runtimes.trt_plan import ENGINE_FILE, METADATA_FILE
 
@@ -138,13 +139,13 @@ def check_output_folder(checkpoint, out, overwrite: bool) -> None:
 
 def written_by_us(names) -> Callable[[Path], bool]:
     """A predicate for ``clean_leftovers``: whether a leftover beside the output is a folder (not a link)
-    holding nothing but ``names`` (what dewey-export writes there), their atomic temporary files and
-    temporary folders. A user's file or folder that merely matches the leftover pattern is never
-    removed, nor moved into the output."""
+    holding nothing but ``names`` (what dewey-export writes there), their atomic temporary files,
+    temporary folders and the mark of a staging folder (runtimes.files.LEFTOVER_MARK). A user's file or
+    folder that merely matches the leftover pattern is never removed, nor moved into the output."""
     def owned(path: Path) -> bool:
         if path.is_symlink() or not path.is_dir():
             return False
-        return all(child.name in names or child.name.startswith(TEMPORARY_PREFIXES)
+        return all(child.name in names or child.name == LEFTOVER_MARK or child.name.startswith(TEMPORARY_PREFIXES)
                    or any(child.name.startswith(f".{name}.") for name in names) for child in path.iterdir())
 
     return owned
@@ -159,51 +160,61 @@ def prepare_output(checkpoint: Path, out: Path, overwrite: bool, log, names=EXPO
     check_output_folder(checkpoint, out, overwrite)
 
 
-def load_reference(checkpoint: Path, log, attention: str = "linear"):
-    """The checkpoint's fp32 DeweyModel, loaded once per export: the graph is made from a copy of it, and
-    it is the parity and gate reference."""
+def load_reference(model, log, attention: str = "linear"):
+    """The model's fp32 DeweyModel (a runtimes.model_source.ModelSource), loaded once per export: the
+    graph is made from a copy of it, and it is the parity and gate reference."""
     from runtimes.modeling import DeweyModel
 
-    log(f"Loading {checkpoint}")
-    return DeweyModel.from_pretrained(checkpoint, attention=attention)
+    log(f"Loading {model!r}")
+    return DeweyModel.from_pretrained(model, attention=attention)
+
+
+def copy_model_files(model, folder: Path) -> None:
+    """The files every export folder carries: the model's config.json as the runtime reads it (the
+    backbone's keys and the Dewey fields of ``ModelSource.config_dict``, so a model of any layout loads
+    like a Dewey checkpoint) and the tokenizer files."""
+    with atomic_path(folder / CONFIG_FILE) as tmp:
+        Path(tmp).write_text(json.dumps(model.config_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    for name in COPIED_FILES:
+        if name != CONFIG_FILE and (model.tokenizer_folder / name).is_file():
+            shutil.copy2(model.tokenizer_folder / name, folder / name)
 
 
 def export(source, out, target: Target, *, verify: bool = True, gate_data=None, overwrite: bool = False,
-           log=print) -> ExportResult:
-    """Export the checkpoint ``source`` for ``target`` into the folder ``out`` (see the module's notes);
-    ``gate_data``: the quality gate's texts (runtimes.corpus sources: a JSONL file, a text file or a
-    folder of them; None: the built-in held-out documents)."""
-    checkpoint, out = Path(source).resolve(), Path(out).resolve()
-    config = check_checkpoint(checkpoint)
+           head=None, log=print) -> ExportResult:
+    """Export the model ``source`` (a folder of any layout runtimes.model_source reads, a Hub id or a
+    ModelSource; ``head``: its head tensors where their shapes leave a choice) for ``target`` into the
+    folder ``out`` (see the module's notes); ``gate_data``: the quality gate's texts (runtimes.corpus
+    sources: a JSONL file, a text file or a folder of them; None: the built-in held-out documents)."""
+    model = check_checkpoint(source, head=head)
+    checkpoint, out, config = model.folder.resolve(), Path(out).resolve(), model.config
     prepare_output(checkpoint, out, overwrite, log)
     target = target.check(config, log)
     # The user's gate texts are read before the long steps, so bad ones cost nothing.
     texts = load_gate_data(gate_data) if verify and gate_data is not None else None
     with staged_folder(out) as staging:  # made first: an --out that cannot be written fails before the load
-        reference = load_reference(checkpoint, log, getattr(target, "attention", "linear"))
+        reference = load_reference(model, log, getattr(target, "attention", "linear"))
         built = target.build(reference, checkpoint, staging, log)
-        for name in COPIED_FILES:
-            if (checkpoint / name).is_file():
-                shutil.copy2(checkpoint / name, staging / name)
+        copy_model_files(model, staging)
         parity_key, gate_key = target.reports
         pending = {parity_key: skipped_report(built.precision), gate_key: skipped_gate(), **built.reports}
-        manifest = _manifest(checkpoint, staging, built, pending)
+        manifest = _manifest(model, staging, built, pending)
         manifest.write(staging)  # the candidate reads the folder as a loader would
         if verify:
             from runtimes.backends.torch_backend import TorchBackend
 
-            reports = check_candidate(target, TorchBackend(reference), staging, manifest, checkpoint, config,
-                                      texts, log)
-            manifest = _manifest(checkpoint, staging, built, {**pending, **reports})
+            reports = check_candidate(target, TorchBackend(reference), staging, manifest, model.tokenizer_folder,
+                                      config, texts, log)
+            manifest = _manifest(model, staging, built, {**pending, **reports})
             manifest.write(staging)
     log(f"Wrote {out}")
     return ExportResult(out, manifest)
 
 
-def check_candidate(target: Target, reference, folder: Path, manifest: ExportManifest, checkpoint: Path,
+def check_candidate(target: Target, reference, folder: Path, manifest: ExportManifest, tokenizer_folder: Path,
                     config: DeweyConfig, gate_data, log, device=None, strict: bool = False) -> dict:
-    """The (parity, gate) reports of ``target``'s candidate for ``folder`` against ``reference``, under
-    the target's report keys. A candidate this machine cannot run raises ``CannotVerifyHere`` with
+    """The (parity, gate) reports of ``target``'s candidate for ``folder`` against ``reference`` (the
+    gate tokenizes with ``tokenizer_folder``'s tokenizer), under the target's report keys. A candidate this machine cannot run raises ``CannotVerifyHere`` with
     ``strict``, else gives skipped reports saying why (an export made here for another machine)."""
     parity_key, gate_key = target.reports
     try:
@@ -214,14 +225,15 @@ def check_candidate(target: Target, reference, folder: Path, manifest: ExportMan
         log(f"Not verified: {exc}")
         return {parity_key: skipped_report(manifest.precision, str(exc)), gate_key: skipped_gate(str(exc))}
     log(f"Checking {candidate!r}")
-    parity, gate = verify_candidate(reference, candidate, checkpoint, config, precision, precision != "fp32",
+    parity, gate = verify_candidate(reference, candidate, tokenizer_folder, config, precision, precision != "fp32",
                                     gate_data, log)
     return {parity_key: parity, gate_key: gate}
 
 
-def _manifest(checkpoint: Path, folder: Path, built: Built, reports: dict) -> ExportManifest:
+def _manifest(model, folder: Path, built: Built, reports: dict) -> ExportManifest:
+    """``source.model`` records the model's layout, the head tensors read and, for a Hub id, the commit."""
     return ExportManifest(
-        source={"path": str(checkpoint), "sha256": source_hashes(checkpoint)},
+        source={"path": str(model.folder.resolve()), "sha256": source_hashes(model), "model": model.describe()},
         graph_key=built.graph_key, graph=built.graph, files=file_table(folder), precision=built.precision,
         target=built.form, reports=reports, attention=built.attention,
         export_seconds=round(built.export_seconds, 2), tools=tool_versions(),
@@ -251,7 +263,8 @@ def verify_folder(folder: Path, manifest: ExportManifest, model: Path | None, de
 
     from .verify import check_source
 
-    checkpoint, config = check_source(manifest, model)
-    log(f"Comparing {folder} with {checkpoint}")
-    return check_candidate(target_of(manifest), TorchBackend.from_folder(checkpoint), folder, manifest, checkpoint,
-                           config, load_gate_data(gate_data) if gate_data else None, log, device, strict=True)
+    source, config = check_source(manifest, model)
+    log(f"Comparing {folder} with {source!r}")
+    return check_candidate(target_of(manifest), TorchBackend.from_folder(source), folder, manifest,
+                           source.tokenizer_folder, config, load_gate_data(gate_data) if gate_data else None, log,
+                           device, strict=True)

@@ -13,13 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from runtimes.backends.openvino_backend import INT8_WEIGHTS
-from runtimes.config import CONFIG_FILE, DeweyConfig, ModelFileError, load_config
+from runtimes.config import DeweyConfig, ModelFileError
 from runtimes.export_format import ExportManifest, sha256_file
+from runtimes.model_source import ModelSource, resolve_model
 from runtimes.precision import precision_name
 from runtimes.tokenization import TOKENIZER_FILE
-
-# What a checkpoint folder must hold; the manifest records the sha256 of each.
-CHECKPOINT_FILES = (CONFIG_FILE, "model.safetensors", TOKENIZER_FILE)
 
 # fp32 thresholds on the un-normalised vectors: an fp32 graph that computes the same function
 # differs from PyTorch only by kernel rounding (~1e-6 on the tiny test model); 1e-4 leaves room for other
@@ -32,36 +30,40 @@ REDUCED_MIN_COSINE = 0.999
 # Weight-only int8 (OpenVINO's --precision int8, INT8_WEIGHTS) is held to the reduced-precision limits too.
 
 
-def check_checkpoint(checkpoint: Path) -> DeweyConfig:
-    """Check that ``checkpoint`` holds a Dewey checkpoint's files and a valid config; returns the config,
-    which the callers pass on rather than read again."""
-    if not checkpoint.is_dir():
+def check_checkpoint(checkpoint, head=None) -> ModelSource:
+    """The model source of ``checkpoint`` (a folder of any layout runtimes.model_source reads, a Hub id,
+    or a ModelSource), with its tokenizer; the callers pass it on rather than read it again."""
+    if isinstance(checkpoint, (str, Path)) and Path(checkpoint).is_absolute() and not Path(checkpoint).exists():
         raise ModelFileError(f"model folder {checkpoint} does not exist")
-    for name in CHECKPOINT_FILES:
-        if not (checkpoint / name).is_file():
-            raise ModelFileError(f"{checkpoint} is not a Dewey checkpoint: {name} is missing")
-    return load_config(checkpoint)
+    source = resolve_model(checkpoint, head=head)
+    if not (source.tokenizer_folder / TOKENIZER_FILE).is_file():
+        raise ModelFileError(f"{source.tokenizer_folder} is not a model folder: {TOKENIZER_FILE} is missing")
+    return source
 
 
-def source_hashes(checkpoint: Path) -> dict:
-    """The sha256 of each of ``CHECKPOINT_FILES``: the manifest's ``source.sha256``."""
-    return {name: sha256_file(checkpoint / name) for name in CHECKPOINT_FILES}
+def source_hashes(source) -> dict:
+    """The sha256 of every file the model source was read from: the manifest's ``source.sha256``."""
+    source = resolve_model(source)
+    return {name: sha256_file(source.folder / name) for name in source.files}
 
 
-def check_source(manifest: ExportManifest, checkpoint: Path | None = None) -> tuple[Path, DeweyConfig]:
-    """The checkpoint an export was made from: ``checkpoint``, or the path its manifest records, checked
-    (``check_checkpoint``) and with the sha256 the manifest records for each file. Returns its path and
-    config; a different checkpoint is a ModelFileError naming the files that differ."""
+def check_source(manifest: ExportManifest, checkpoint: Path | None = None) -> tuple[ModelSource, DeweyConfig]:
+    """The model an export was made from: ``checkpoint``, or the path its manifest records, read with the
+    head the manifest records (``check_checkpoint``) and with the sha256 the manifest records for each
+    file. Returns its source and config; a different model is a ModelFileError naming the files that
+    differ."""
     checkpoint = Path(checkpoint or manifest.source["path"])
-    config = check_checkpoint(checkpoint)
+    model = manifest.source.get("model", {})
+    head = [layer["weight"] for layer in model.get("head", [])] or None
+    source = check_checkpoint(checkpoint, head=head if model.get("layout") in ("checkpoint", "dewey_release") else None)
     recorded = manifest.source["sha256"]
-    changed = [name for name, digest in source_hashes(checkpoint).items() if digest != recorded.get(name)]
+    changed = [name for name, digest in source_hashes(source).items() if digest != recorded.get(name)]
     if changed:
         raise ModelFileError(
             f"{checkpoint} is not the checkpoint this export was made from: {', '.join(changed)} differ "
             "(sha256 in the manifest); pass --model with the original checkpoint"
         )
-    return checkpoint, config
+    return source, source.config
 
 
 def parity_thresholds(precision) -> dict:

@@ -10,8 +10,9 @@
    ``clamp_chunks_to_teacher`` the largest chunk size is cut to the teacher's window (254 tokens for
    MiniLM), or the teacher would embed only the start of a long chunk while the student's span covers
    all of it. The spans come from ``runtimes.chunking.chunk_spans``, the function that serves
-   ``encode_chunks``: a sample's chunks are the chunks ``encode_chunks`` returns for its text with the
-   same splitter, size, overlap, prompt and row length. Each piece's draw is seeded by (seed, text
+   ``encode_chunks``: a sample's chunks are the chunks ``encode_chunks`` returns for its piece with the
+   same splitter, size, overlap, prompt and row length (a piece fits its row; ``encode_chunks`` would
+   run a longer text in windows, where training cuts it). Each piece's draw is seeded by (seed, text
    hash, variant), so a run is reproducible and different ``variant`` numbers give different chunkings
    of the same text.
 3. **Targets.** Each chunk's text embedded alone by the teacher is its span's target. The whole piece

@@ -50,20 +50,24 @@ def default_model_path() -> Path:
 
 
 def load(path: str | Path | None = None, backend: str | None = None, device=None, dtype=None,
-         threads: int | None = None, verify_files: bool = True, **backend_options) -> Encoder:
-    """Load a Dewey model folder into an Encoder running on ``backend``.
+         threads: int | None = None, verify_files: bool = True, head=None, **backend_options) -> Encoder:
+    """Load a model into an Encoder running on ``backend``.
 
-    ``path`` None: the packaged default model, dewey-mini (a checkpoint folder: torch backend; export it
-    with ``dewey-export`` for the others). ``backend`` None: the one the folder is for
-    (``backends.backend_for_folder``: an export folder's manifest says onnx, openvino or trt, a folder
-    without one is a checkpoint for torch); a backend named here wins. ``threads``: the CPU threads of
-    the forward pass, for every backend (None: the CPUs this process may use; torch's pool is per
-    process).
+    ``path``: a model folder, a Hub id (``org/name`` or ``org/name@revision``, resolved through
+    huggingface_hub's cache, runtimes.hub), or an export folder; None: the packaged default model,
+    dewey-mini. A model folder (torch backend; export it with ``dewey-export`` for the others) is a
+    Dewey checkpoint, a transformers ModernBERT folder, the Dewey release layout or a sentence-transformers
+    folder (docs/models.md); its files are read, never executed. ``head``: the head's weight tensors
+    (``"proj.weight"``, or several, comma-separated) where their shapes leave a choice.
+    ``backend`` None: the one the folder is for (``backends.backend_for_folder``: an export folder's
+    manifest says onnx, openvino or trt; a model folder or Hub id is for torch); a backend named here
+    wins. ``threads``: the CPU threads of the forward pass, for every backend (None: the CPUs this
+    process may use; torch's pool is per process).
 
     ``dtype`` names a precision in any spelling of ``runtimes.precision``: ``fp32``/``float32``,
     ``bf16``/``bfloat16``, ``fp16``/``float16``, or a torch or numpy dtype.
 
-    backend ``torch``: a checkpoint folder; device ``cpu`` (default) or ``cuda[:N]``; dtype ``fp32``
+    backend ``torch``: a model folder or Hub id; device ``cpu`` (default) or ``cuda[:N]``; dtype ``fp32``
     (default) or ``bf16``.
     backend ``onnx``: an export folder (``dewey-export onnx``); device ``cpu`` (default),
     ``cuda[:N]`` or ``tensorrt[:N]`` (ONNX Runtime execution providers); dtype None or the graph's
@@ -77,20 +81,28 @@ def load(path: str | Path | None = None, backend: str | None = None, device=None
     checks failed loads with one RuntimeWarning naming them. Hashing reads every file once;
     ``verify_files=False`` keeps only the size check, for hot reloads of a folder already checked.
     """
+    from .model_source import resolve_model
+
     verify_files = require_bool("verify_files", verify_files)
-    path = default_model_path() if path is None else Path(path)
-    if not path.is_dir():
-        raise ModelFileError(f"{path} is not a folder (expected a Dewey checkpoint or export folder)")
-    backend = backend_for_folder(path) if backend is None else backend
+    path = default_model_path() if path is None else path
+    export = Path(path).is_dir() and (Path(path) / MANIFEST_FILE).exists()
+    backend = (backend_for_folder(Path(path)) if export else "torch") if backend is None else backend
     backend_class = get_backend_class(backend)
-    if (path / MANIFEST_FILE).exists():
+    source = None
+    if export:
+        path = Path(path)
         check_export_files(path, hashes=verify_files).warn_if_failed(path)
-    config = load_config(path)
-    tokenizer = DeweyTokenizer.from_folder(path, config)
-    engine = backend_class.from_folder(path, device=device, dtype=dtype, threads=threads, **backend_options)
+        config = load_config(path)
+        tokenizer_folder = path
+    else:
+        source = resolve_model(path, head=head)
+        path, config, tokenizer_folder = source.folder, source.config, source.tokenizer_folder
+    tokenizer = DeweyTokenizer.from_folder(tokenizer_folder, config)
+    engine = backend_class.from_folder(source if backend == "torch" and source else path, device=device,
+                                       dtype=dtype, threads=threads, **backend_options)
     if engine.vector_size != config.vector_size:
         raise ModelFileError(
             f"{path}: the {backend} model gives {engine.vector_size}-d vectors but config.json says "
             f"vector_size={config.vector_size}"
         )
-    return Encoder(config, tokenizer, engine)
+    return Encoder(config, tokenizer, engine, source=source)

@@ -108,14 +108,14 @@ def word_windows(starts: np.ndarray, n_tokens: int, chunk_size: int, chunk_overl
 def chunk_spans(
     text: str, offsets: np.ndarray, chunk_size: int, chunk_overlap: int, splitter: str, recursive: RecursiveSplitter
 ) -> np.ndarray:
-    """Token spans of the chunks of ``text`` whose kept tokens have character ``offsets`` [n, 2] (the first
-    n tokens of the text: tokens cut by truncation are not passed), by ``splitter`` (module docstring);
+    """Token spans of the chunks of ``text`` whose tokens have character ``offsets`` [n, 2] (the first n
+    tokens of the text: a caller that cuts the text passes only the kept ones), by ``splitter`` (module docstring);
     ``recursive`` serves ``splitter="recursive"``. Returns int64 [n_chunks, 2]."""
     n_tokens = len(offsets)
     if splitter == "words":
         return word_windows(word_starts(text, offsets), n_tokens, chunk_size, chunk_overlap)
     if splitter == "recursive":
-        # Split only the text that survived truncation: up to the end of the last kept token.
+        # Split only the text the tokens cover: up to the end of the last token passed.
         visible = text[: int(offsets[-1, 1])]
         ranges = recursive.char_ranges(visible, chunk_size, chunk_overlap)
         spans = spans_from_char_ranges(offsets, ranges, chunk_size, chunk_overlap)

@@ -18,6 +18,16 @@ from .validation import require_int, require_positive_real
 CONFIG_FILE = "config.json"
 
 SINGLE_VECTOR_TYPES = ("cls", "mean", "cls_add_mean")
+# Which tokens of a row the single-vector ``mean`` averages. "text": the text's own tokens (Dewey's
+# mean: no [CLS], prompt or [SEP]). "attended": every attended token, [CLS], prompt and [SEP] included
+# (sentence-transformers' mean pooling). "after_prompt": sentence-transformers' mean with
+# ``include_prompt: false``: from the first token after [CLS] and the prompt (tokenized alone) to [SEP].
+# "last": the last attended token alone, [SEP] (sentence-transformers' lasttoken pooling, a one-token span).
+MEAN_TOKEN_RULES = ("text", "attended", "after_prompt", "last")
+# How a prompt joins the text. "separate": each is tokenized alone and the ids are joined (Dewey's
+# prompts end in a special token, so this equals tokenizing the joined string). "prefix": the prompt
+# string is prepended to the text and the whole is tokenized, as sentence-transformers does.
+PROMPT_STYLES = ("separate", "prefix")
 # ModernBERT's two attention layer kinds (transformers' layer_types).
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # ModernBERT sizes that must be positive integers to build a backbone at all.
@@ -48,6 +58,15 @@ class DeweyConfig:
     single_vector_type: str = "cls_add_mean"
     prompts: dict[str, str] = field(default_factory=dict)
     instruction_tokens: tuple[str, ...] = ()
+    mean_tokens: str = "text"
+    prompt_style: str = "separate"
+    default_prompt_name: str | None = None
+    normalize_embeddings: bool = True  # encode's default for normalize
+    max_seq_length: int | None = None  # the default row length (None: max_position_embeddings)
+    matryoshka_dimensions: tuple[int, ...] = ()  # what encode(dimensions=N) accepts, besides vector_size
+    # The head is affine (Linear layers, with or without a bias, no activation): a weighted mean of its
+    # outputs is its output of the weighted mean, which windows past the model's length rely on.
+    head_affine: bool = True
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "DeweyConfig":
@@ -71,6 +90,7 @@ class DeweyConfig:
         instruction_tokens = raw.get("instruction_tokens") or []
         if not isinstance(instruction_tokens, list) or not all(isinstance(t, str) for t in instruction_tokens):
             raise ModelFileError(f"{source}: 'instruction_tokens' must be a list of strings")
+        extras = _model_fields(raw, source, vector_size, prompts)
         config = cls(
             hidden_size=hidden,
             vector_size=vector_size,
@@ -82,13 +102,56 @@ class DeweyConfig:
             single_vector_type=single,
             prompts=dict(prompts),
             instruction_tokens=tuple(instruction_tokens),
+            **extras,
         )
+        if config.max_seq_length is not None and config.max_seq_length > config.max_position_embeddings:
+            raise ModelFileError(
+                f"{source}: max_seq_length {config.max_seq_length} exceeds max_position_embeddings "
+                f"{config.max_position_embeddings}"
+            )
         for key in ("cls_token_id", "sep_token_id", "pad_token_id"):
             if getattr(config, key) >= config.vocab_size:
                 raise ModelFileError(
                     f"{source}: {key} {getattr(config, key)} is outside the vocabulary (size {config.vocab_size})"
                 )
         return config
+
+
+def _model_fields(raw: dict, source: str, vector_size: int, prompts: dict) -> dict:
+    """The optional fields that describe how a model is used rather than built (span rule, prompt
+    style, defaults, Matryoshka dimensions), checked; absent keys keep Dewey's behaviour."""
+    def choice(key: str, allowed: tuple, default: str) -> str:
+        value = raw.get(key, default)
+        if value not in allowed:
+            raise ModelFileError(f"{source}: {key!r} is {value!r}; expected one of {allowed}")
+        return value
+
+    default_prompt = raw.get("default_prompt_name")
+    if default_prompt is not None and default_prompt not in prompts:
+        raise ModelFileError(f"{source}: default_prompt_name {default_prompt!r} is not one of the prompts {sorted(prompts)}")
+    flags = {}
+    for key in ("normalize_embeddings", "head_affine"):
+        flags[key] = raw.get(key, True)
+        if not isinstance(flags[key], bool):
+            raise ModelFileError(f"{source}: {key!r} must be true or false, got {flags[key]!r}")
+    length = raw.get("max_seq_length")
+    if length is not None:
+        length = _checked(source, require_int, "max_seq_length", length, 3)
+    dims = raw.get("matryoshka_dimensions") or []
+    if not isinstance(dims, list):
+        raise ModelFileError(f"{source}: 'matryoshka_dimensions' must be a list of integers")
+    dims = [_checked(source, require_int, "matryoshka_dimensions", d, 1) for d in dims]
+    if any(d > vector_size for d in dims):
+        raise ModelFileError(f"{source}: matryoshka_dimensions {dims} exceed the vector size {vector_size}")
+    return {
+        "mean_tokens": choice("mean_tokens", MEAN_TOKEN_RULES, "text"),
+        "prompt_style": choice("prompt_style", PROMPT_STYLES, "separate"),
+        "default_prompt_name": default_prompt,
+        "normalize_embeddings": flags["normalize_embeddings"],
+        "head_affine": flags["head_affine"],
+        "max_seq_length": length,
+        "matryoshka_dimensions": tuple(sorted(set(dims), reverse=True)),
+    }
 
 
 def check_backbone_fields(raw: dict, source: str = "config") -> None:

@@ -22,8 +22,8 @@ WEIGHTS_FILE = "model.safetensors"
 # The head's key in model.safetensors. Backbone keys are stored bare (as ModernBertModel saves them), so
 # `transformers.AutoModel.from_pretrained(folder)` loads the backbone and merely ignores this key.
 HEAD_KEY = "dewey_head.weight"
-# Keys a checkpoint may carry that belong to neither part (a ModernBertForMaskedLM's MLM head).
-_IGNORED_PREFIXES = ("head.", "decoder.")
+# ModernBertModel's top-level parameter groups (runtimes.model_source locates their prefix).
+_BACKBONE_ROOTS = ("embeddings.", "layers.", "final_norm.")
 
 
 # "linear": runtimes.attention (block-local sliding layers, mask-free global layers), the default
@@ -158,10 +158,50 @@ def reduce_precision(model: "DeweyModel", dtype: torch.dtype) -> "DeweyModel":
     return model
 
 
-class DeweyModel(nn.Module):
-    """ModernBERT backbone + optional linear head (hidden -> vector_size; none when they are equal)."""
+class HeadChain(nn.Module):
+    """A head of several Linear layers, or of one with an activation: ``activation(layer(x))`` in turn
+    (sentence-transformers' Dense modules). A lone identity layer stays a plain ``nn.Linear``."""
 
-    def __init__(self, config):
+    def __init__(self, layers: list[nn.Linear], activations: list[str]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.activations = tuple(activations)
+
+    @property
+    def out_features(self) -> int:
+        return self.layers[-1].out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer, activation in zip(self.layers, self.activations):
+            x = layer(x)
+            if activation == "tanh":
+                x = torch.tanh(x)
+        return x
+
+
+def build_head(hidden: int, layers) -> nn.Module | None:
+    """The head module of ``layers`` (runtimes.model_source.HeadLayer, in order); None for no layers."""
+    if not layers:
+        return None
+    linears = [nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None) for layer in layers]
+    if linears[0].in_features != hidden:
+        raise ModelFileError(f"the head starts at {linears[0].in_features} features, the backbone gives {hidden}")
+    if len(layers) == 1 and layers[0].activation == "identity":
+        return linears[0]
+    return HeadChain(linears, [layer.activation for layer in layers])
+
+
+def _head_state_keys(head: nn.Module, index: int) -> tuple[str, str]:
+    """The model's state keys of layer ``index`` of the head: its weight and bias."""
+    stem = "head" if isinstance(head, nn.Linear) else f"head.layers.{index}"
+    return f"{stem}.weight", f"{stem}.bias"
+
+
+class DeweyModel(nn.Module):
+    """ModernBERT backbone + optional head (hidden -> vector_size; none when they are equal): one Linear
+    layer, or the chain of a model source (runtimes.model_source)."""
+
+    def __init__(self, config, head_layers=None):
         super().__init__()
         from transformers import ModernBertModel
 
@@ -170,8 +210,12 @@ class DeweyModel(nn.Module):
         self.attention = "linear" if config._attn_implementation == linear_attention.ATTENTION_NAME else "dense"
         self.pooling = "float64"  # see POOLING_ACCUMULATIONS; the TensorRT target sets centered_float32
 
-        vector_size = getattr(config, "vector_size", config.hidden_size)
-        self.head = None if vector_size == config.hidden_size else nn.Linear(config.hidden_size, vector_size, bias=False)
+        if head_layers is not None:
+            self.head = build_head(config.hidden_size, head_layers)
+        else:
+            vector_size = getattr(config, "vector_size", config.hidden_size)
+            self.head = (None if vector_size == config.hidden_size
+                         else nn.Linear(config.hidden_size, vector_size, bias=False))
 
     @property
     def vector_size(self) -> int:
@@ -180,8 +224,10 @@ class DeweyModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, span_bounds: torch.Tensor):
         """The backend contract: ``cls`` [B, D] and ``spans`` [B, C, D] in float32, not normalised.
 
-        Pooling happens before the head (it is linear), so no [S, vector_size] tensor is ever built.
-        In a reduced-precision model the pooled means go through the head in that precision.
+        Pooling happens before the head: a linear head commutes with a mean, so no [S, vector_size]
+        tensor is ever built; a head with a bias or a tanh is applied to the pooled vector, which is
+        where sentence-transformers applies its Dense modules. In a reduced-precision model the pooled
+        means go through the head in that precision.
         """
         batch, seq = input_ids.shape
         # Explicit [B, S] positions: ONNX Runtime's opset-23 RotaryEmbedding fails at batch > 1 with
@@ -200,66 +246,65 @@ class DeweyModel(nn.Module):
         return cls.float(), spans.float()
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
-                        attention: str = "linear") -> "DeweyModel":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32, device="cpu",
+                        attention: str = "linear", head=None) -> "DeweyModel":
+        """The model of a folder, Hub id or ``ModelSource`` (runtimes.model_source.resolve_model; ``head``
+        names the head tensors where their shapes leave a choice)."""
+        from .model_source import resolve_model
 
-        folder = Path(folder)
-        config = backbone_config(read_config_dict(folder), attention, source=str(folder / CONFIG_FILE))
-        weights_path = folder / WEIGHTS_FILE
-        if not weights_path.is_file():
-            raise ModelFileError(f"{folder} has no {WEIGHTS_FILE}")
-        try:
-            loaded = load_file(str(weights_path))
-        except (SafetensorError, OSError) as exc:
-            raise ModelFileError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
-
+        source = resolve_model(folder, head=head)
+        config = backbone_config(source.config_dict(), attention, source=str(source.backbone_folder / CONFIG_FILE))
         with torch.device("cpu"):
-            model = cls(config)
+            model = cls(config, head_layers=source.head)
         expected = model.state_dict()
-        state, file_keys = {}, {}  # model key -> tensor, and -> its key in the file (for messages)
-        for file_key, tensor in loaded.items():
-            key = file_key.removeprefix("model.")
-            if key.startswith(_IGNORED_PREFIXES):
-                continue
-            key = "head.weight" if key == HEAD_KEY else "backbone." + key
-            state[key], file_keys[key] = tensor, file_key
-        if model.head is not None and "head.weight" not in state:
-            raise ModelFileError(
-                f"{weights_path} has no {HEAD_KEY!r}, but config.json asks for a head "
-                f"{config.hidden_size} -> {model.vector_size}"
-            )
+        file_tensors = _read_tensors(source)
+        state, file_keys = {}, {}  # model key -> tensor, and -> its file and key (for messages)
+        prefix = source.backbone_prefix
+        for file_key, tensor in file_tensors[source.weights_file].items():
+            if file_key.startswith(prefix) and file_key[len(prefix):].startswith(_BACKBONE_ROOTS):
+                key = "backbone." + file_key[len(prefix):]
+                state[key], file_keys[key] = tensor, f"{source.weights_file}: {file_key}"
+        for index, layer in enumerate(source.head):
+            for key, name in zip(_head_state_keys(model.head, index), (layer.weight, layer.bias)):
+                if name is not None:
+                    state[key], file_keys[key] = file_tensors[layer.file][name], f"{layer.file}: {name}"
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
             raise ModelFileError(
-                f"{weights_path} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                f"{source.weights_file} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         for key, tensor in state.items():
             if tuple(tensor.shape) != tuple(expected[key].shape):
                 raise ModelFileError(
-                    f"{weights_path}: {file_keys[key]} has shape {tuple(tensor.shape)}, config.json implies "
+                    f"{file_keys[key]} has shape {tuple(tensor.shape)}, config.json implies "
                     f"{tuple(expected[key].shape)}"
                 )
             # load_state_dict would cast integer weights to float and copy NaN/inf without a word; a
             # model that then answers NaN for every text is far harder to trace than this error.
             if not tensor.is_floating_point():
-                raise ModelFileError(f"{weights_path}: {file_keys[key]} holds {tensor.dtype} values, not floats")
+                raise ModelFileError(f"{file_keys[key]} holds {tensor.dtype} values, not floats")
             # A sum is NaN or infinite when any element is, and one float32 reduction is cheap; the
             # element-wise isfinite (boolean temporaries) runs only when the sum is not finite, which
             # finite weights reach only by overflowing float32. dewey-mini (11M fp16 values): 7-38 ms,
             # against 34-110 ms for isfinite on every tensor, in a whole load of 0.9-2.6 s (2 cores).
             if not (torch.isfinite(tensor.sum(dtype=torch.float32)) or torch.isfinite(tensor).all()):
                 bad = int(tensor.numel() - torch.isfinite(tensor).sum())
-                raise ModelFileError(f"{weights_path}: {file_keys[key]} holds {bad} NaN or infinite values")
+                raise ModelFileError(f"{file_keys[key]} holds {bad} NaN or infinite values")
         model.load_state_dict(state)
+        model.source = source
         return model.to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into ``folder``, each file atomically."""
+        """Write ``config.json`` and ``model.safetensors`` into ``folder``, each file atomically: a Dewey
+        checkpoint, whose head is one bias-free Linear layer (or none)."""
         from safetensors.torch import save_file
 
+        if self.head is not None and not (isinstance(self.head, nn.Linear) and self.head.bias is None):
+            raise ValueError(
+                "save_pretrained writes Dewey checkpoints, whose head is one bias-free Linear layer; this model's "
+                "head is another shape: export it (dewey-export) or keep its source folder"
+            )
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = dict(self.backbone.state_dict())
@@ -274,3 +319,18 @@ class DeweyModel(nn.Module):
         with atomic_path(folder / CONFIG_FILE) as tmp:
             Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
+
+
+def _read_tensors(source) -> dict:
+    """The tensors of every weights file of ``source``: file -> {name: tensor}, each file read once."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = {source.weights_file, *(layer.file for layer in source.head)}
+    out = {}
+    for path in files:
+        try:
+            out[path] = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise ModelFileError(f"{path} is not a readable safetensors file: {exc}") from exc
+    return out

@@ -9,6 +9,7 @@ concatenated string.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -23,8 +24,23 @@ TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS_PER_ROW = 2
 # Prompt names users pass by name; never taken as literal prompt text.
 STANDARD_PROMPT_NAMES = ("query", "passage")
+# A surrogate code point: half of a UTF-16 pair, never a character of valid Unicode.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # Sequences of bytes, not of strings: refused as texts rather than embedded item by item.
 _BINARY_TYPES = (bytes, bytearray, memoryview)
+# Characters tokenized in one call. The Rust tokenizer keeps about 140 bytes per character while it
+# works (dewey-mini's: 1.4 GB for 10 million characters, measured), so a long text is tokenized in
+# pieces of this size: about 9 MB at a time, at the same speed as one call (pieces of pydoc's topics,
+# 465k characters: 0.33 s against 0.48 s whole).
+TOKENIZE_PIECE_CHARS = 1 << 16
+# A piece grows (doubling) up to this size while it holds no complete word; past it, a single "word"
+# (a run of characters with no whitespace or punctuation) is cut where the piece ends: about 140 MB of
+# tokenizer memory at most. WordPiece makes one [UNK] of any word over 100 characters, so only texts
+# with words of a million characters see the cut.
+MAX_TOKENIZE_PIECE_CHARS = 1 << 20
+# Words at the end of a piece that may tokenize differently once the text goes on: the word cut by the
+# piece's end, and a whitespace run before it whose split depends on what follows (byte-level BPE).
+UNSETTLED_WORDS = 2
 
 
 @dataclass(frozen=True)
@@ -33,6 +49,14 @@ class TextTokens:
 
     ids: np.ndarray  # int64 [n]
     offsets: np.ndarray  # int64 [n, 2], character offsets into the original text, end exclusive
+    # Tokens of the whole text; more than len(ids) when it was cut at a limit, None when the tokens past
+    # the limit were not counted (only that there are more).
+    total: int | None = None
+
+    @property
+    def cut(self) -> bool:
+        """Whether the text has tokens past ``ids``."""
+        return self.total is None or self.total > len(self.ids)
 
 
 def check_texts(texts) -> tuple[list[str], bool]:
@@ -58,7 +82,7 @@ def check_texts(texts) -> tuple[list[str], bool]:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
-        if not text.strip():
+        if not text or text.isspace():  # not strip(): no copy of a huge text
             raise ValueError(f"texts[{i}] is empty or only whitespace: there is nothing to embed")
         check_encodable(f"texts[{i}]", text)
     return texts, single
@@ -82,15 +106,15 @@ def check_encodable(name: str, text: str) -> None:
 
     A Python str can hold surrogates (``errors="surrogateescape"`` decoding, a JSON "\\ud800" escape);
     they are halves of UTF-16 pairs, not characters, and the tokenizer refuses the whole batch with a
-    TypeError that names neither the text nor the position. UTF-8 encoding finds the first one in C.
+    TypeError that names neither the text nor the position. A regular expression finds the first one in
+    C without copying the text (encoding it to UTF-8 would).
     """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
+    found = _SURROGATE.search(text)
+    if found:
         raise ValueError(
-            f"{name} has a lone surrogate {text[exc.start]!r} at character {exc.start}, which is not "
+            f"{name} has a lone surrogate {found.group()!r} at character {found.start()}, which is not "
             "valid Unicode: decode the source with errors='replace' or fix the string"
-        ) from None
+        )
 
 
 def read_tokenizer_file(path: str | Path):
@@ -129,6 +153,8 @@ class DeweyTokenizer:
         self.tokenizer = tokenizer
         self.config = config
         self._prompt_cache: dict[str, np.ndarray] = {}
+        self._added_token_chars = max((len(token.content) for token in tokenizer.get_added_tokens_decoder().values()),
+                                      default=0)
 
     @classmethod
     def from_folder(cls, folder: str | Path, config: DeweyConfig) -> "DeweyTokenizer":
@@ -161,16 +187,80 @@ class DeweyTokenizer:
             self._prompt_cache[text] = np.asarray(ids, dtype=np.int64)
         return self._prompt_cache[text]
 
-    def encode_texts(self, texts: list[str]) -> list[TextTokens]:
-        """Tokenize texts (no special tokens), in parallel in the Rust library."""
+    def encode_texts(self, texts: list[str], limit: int | None = None, count: bool = True) -> list[TextTokens]:
+        """Tokenize texts (no special tokens). ``limit``: keep the first ``limit`` tokens of each text and
+        tokenize no further than needed to know whether there are more, unless ``count`` (then the rest
+        is tokenized piece by piece only to be counted, in ``total``). Memory follows the tokens kept,
+        never the length of the text, and so does the work without ``count``: see ``token_pieces``."""
         out = []
-        for i, enc in enumerate(self.tokenizer.encode_batch(texts, add_special_tokens=False)):
-            if not enc.ids:
+        for i, text in enumerate(texts):
+            tokens = self.bounded_tokens(text, limit, count)
+            if tokens.total == 0:
                 raise ValueError(f"texts[{i}] produced no tokens: there is nothing to embed")
-            out.append(
-                TextTokens(np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2))
-            )
+            out.append(tokens)
         return out
+
+    def bounded_tokens(self, text: str, limit: int | None = None, count: bool = True) -> TextTokens:
+        """The first ``limit`` tokens of ``text`` (all of them when None), with ``total`` as for
+        ``encode_texts``: known without ``count`` too when the text ended in the last piece tokenized."""
+        ids, offsets, total = [], [], 0
+        for piece_ids, piece_offsets, last in self.token_pieces(text):
+            room = len(piece_ids) if limit is None else max(limit - total, 0)
+            if room:  # an empty slice would be a view keeping the whole piece alive
+                ids.append(piece_ids[:room])
+                offsets.append(piece_offsets[:room])
+            total += len(piece_ids)
+            if limit is not None and total > limit and not count and not last:
+                total = None
+                break
+        return TextTokens(np.concatenate(ids or [np.zeros(0, np.int64)]),
+                          np.concatenate(offsets or [np.zeros((0, 2), np.int64)]), total)
+
+    def token_pieces(self, text: str):
+        """The tokens of ``text`` in successive parts (ids int64 [n], offsets int64 [n, 2] into ``text``,
+        and whether the part is the last), tokenizing ``TOKENIZE_PIECE_CHARS`` characters at a time, so a
+        caller that stops early never pays for the rest of the text. Each part ends before the piece's
+        last ``UNSETTLED_WORDS`` words and any added token the piece's end may have cut; the next piece
+        starts at the end of the last token kept. The parts join into the tokens of one call over the
+        whole text for tokenizers whose normaliser and pre-tokenizer act within words, as the BERT
+        WordPiece of Dewey's models (the tests compare them on random texts), except inside a single word
+        longer than ``MAX_TOKENIZE_PIECE_CHARS``."""
+        start, size = 0, TOKENIZE_PIECE_CHARS
+        while start < len(text):
+            end = start + size
+            encoding = self.tokenizer.encode(text[start:end], add_special_tokens=False)
+            ids = np.asarray(encoding.ids, dtype=np.int64)
+            offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2) + start
+            if end >= len(text):
+                yield ids, offsets, True
+                return
+            keep = self._settled_tokens(encoding.word_ids, offsets, end)
+            if keep == 0 and size < MAX_TOKENIZE_PIECE_CHARS and len(ids):
+                size *= 2  # no settled word yet: a longer piece, from the same start
+                continue
+            if keep == 0:
+                # A piece of characters the tokenizer drops (whitespace, controls), or one word past the
+                # maximum piece: take it as it is and go on after it.
+                yield ids, offsets, False
+                start = end
+            else:
+                yield ids[:keep], offsets[:keep], False
+                start = max(int(offsets[keep - 1, 1]), start + 1)
+            size = TOKENIZE_PIECE_CHARS
+
+    def _settled_tokens(self, words: list, offsets: np.ndarray, end: int) -> int:
+        """How many leading tokens of a piece ending at character ``end`` stay the same whatever follows:
+        those before its last ``UNSETTLED_WORDS`` words and ending before the last characters that could
+        begin an added token (``<|END_INSTRUCTION|>`` cut in two is punctuation and letters)."""
+        if not words or words[-1] is None:
+            return 0
+        first_unsettled = words[-1] - UNSETTLED_WORDS + 1
+        margin = end - self._added_token_chars
+        first = next((i for i, (word, (_, token_end)) in enumerate(zip(words, offsets))
+                      if word is None or word >= first_unsettled or token_end > margin), len(words))
+        while 0 < first < len(words) and words[first - 1] == words[first]:
+            first -= 1  # never part of a word: all of its tokens go to the next piece
+        return first
 
     def text_budget(self, prompt_ids: np.ndarray, max_length: int) -> int:
         """How many text tokens fit in a row of ``max_length`` beside the special tokens and prompt."""

@@ -7,10 +7,11 @@ promises, with prompts, unicode and truncation.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
-from runtimes import TruncationWarning
 from runtimes.chunking import char_spans, spans_from_char_ranges, token_windows, word_starts, word_windows
 
 UNICODE_TEXT = "Grüße 🙂 日本語. " * 30 + "Ünïcödé ends here 🙂."
@@ -230,18 +231,18 @@ def test_recursive_overlong_chunk_loses_no_text(encoder):
 
 
 def test_recursive_with_nothing_to_split_gives_token_windows(encoder):
-    """recursive splitter: when only whitespace survives truncation the library finds no chunk, and the
-    text gets the ``tokens`` windows with the same chunk_overlap (the overlap encode_chunks promises)."""
+    """recursive splitter: when the tokens passed are whitespace only (the library trims whitespace and
+    finds no chunk), the spans are the ``tokens`` windows with the same chunk_overlap. encode_chunks never
+    meets this (it refuses whitespace-only texts and passes every token); training samples can."""
+    from runtimes.chunking import chunk_spans
+
     text = "\n" * 200 + "word"
-    kwargs = dict(chunk_size=8, chunk_overlap=3, max_length=40)
-    with pytest.warns(TruncationWarning):
-        recursive = encoder.encode_chunks(text, splitter="recursive", **kwargs)
-    with pytest.warns(TruncationWarning):
-        tokens = encoder.encode_chunks(text, splitter="tokens", **kwargs)
-    assert not recursive.texts[0].strip()  # premise: the kept text is whitespace only
-    assert recursive.token_spans == tokens.token_spans
-    assert recursive.token_spans[1][0] == 8 - 3
-    np.testing.assert_array_equal(recursive.vectors, tokens.vectors)
+    ids, offsets = text_tokens(encoder, text)
+    blank = offsets[: int(np.searchsorted(offsets[:, 1], 200, side="right"))]
+    assert len(blank) > 8 and not text[: int(blank[-1, 1])].strip()  # premise: whitespace tokens only
+    recursive = chunk_spans(text, blank, 8, 3, "recursive", encoder._recursive)
+    np.testing.assert_array_equal(recursive, token_windows(len(blank), 8, 3))
+    assert recursive[1, 0] == 8 - 3
 
 
 # -- both splitters --------------------------------------------------------------------------------
@@ -327,65 +328,46 @@ def test_numpy_integer_chunk_size_is_accepted(encoder):
     assert doc.token_spans[1][0] == 12
 
 
-# -- truncation in chunk mode ----------------------------------------------------------------------
+# -- texts over the row in chunk mode: windows, never truncation --------------------------------------
 
 
 @pytest.mark.parametrize("splitter", ["tokens", "words", "recursive"])
-def test_chunks_cover_only_kept_tokens_when_truncated(encoder, doc_text, doc_tokens, splitter):
-    """With a small max_length, chunks lie within the kept tokens and truncated_tokens counts the rest."""
+def test_chunks_over_the_row_are_those_of_the_whole_text(encoder, doc_text, doc_tokens, splitter):
+    """With a max_length far below the text, no token is cut and no warning is given: the text runs in
+    windows, and its chunks are exactly the chunks of the whole text."""
     n = len(doc_tokens[0])
-    max_length = 102  # [CLS] + 100 text tokens + [SEP]
-    with pytest.warns(TruncationWarning, match=rf"{n - 100} tokens dropped"):
-        doc = encoder.encode_chunks(
-            doc_text, chunk_size=16, chunk_overlap=4, splitter=splitter, max_length=max_length
-        )
-    assert doc.truncated_tokens == n - 100
-    assert max(b for _, b in doc.token_spans) <= 100
+    kwargs = dict(chunk_size=16, chunk_overlap=4, splitter=splitter)
+    whole = encoder.encode_chunks(doc_text, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        doc = encoder.encode_chunks(doc_text, max_length=102, **kwargs)  # [CLS] + 100 text tokens + [SEP]
+    assert doc.truncated_tokens == 0 and whole.windows == 1 and doc.windows > 1
+    assert (doc.token_spans, doc.char_spans, doc.texts) == (whole.token_spans, whole.char_spans, whole.texts)
     check_spans_map_back(encoder, doc_text, doc)
-    kept_end = int(doc_tokens[1][99, 1])
-    assert max(b for _, b in doc.char_spans) <= kept_end
-    assert_covers_non_whitespace(doc_text, doc, end=kept_end)
+    assert_covers_non_whitespace(doc_text, doc)
     if splitter == "tokens":
-        assert doc.token_spans[-1][1] == 100
+        assert doc.token_spans[-1][1] == n
 
 
-def test_truncation_budget_accounts_for_prompt(encoder, doc_text, doc_tokens):
-    """With a prompt, max_length holds [CLS], the prompt, the kept text and [SEP]."""
+def test_window_capacity_accounts_for_prompt(encoder, doc_text, doc_tokens):
+    """With a prompt, a window holds [CLS], the prompt, max_length - 2 - prompt text tokens and [SEP]."""
+    from runtimes.windows import default_window_overlap, plan_windows
+
     n = len(doc_tokens[0])
     prompt_len = len(encoder.tokenizer.prompt_ids("query"))
-    with pytest.warns(TruncationWarning):
-        doc = encoder.encode_chunks(doc_text, chunk_size=16, chunk_overlap=0, prompt="query", max_length=80)
-    kept = 80 - 2 - prompt_len
-    assert doc.truncated_tokens == n - kept
-    assert doc.token_spans[-1][1] == kept
+    capacity = 80 - 2 - prompt_len
+    doc = encoder.encode_chunks(doc_text, chunk_size=16, chunk_overlap=0, prompt="query", max_length=80)
+    assert doc.windows == plan_windows(n, capacity, default_window_overlap(capacity)).n_windows > 1
+    assert doc.token_spans[-1][1] == n
 
 
-@pytest.mark.parametrize("splitter", ["tokens", "words", "recursive"])
-def test_truncated_chunks_equal_chunks_of_the_cut_text(encoder, doc_text, doc_tokens, splitter):
-    """Truncated chunking gives the same chunks and vectors as chunking the text cut to the kept tokens."""
-    ids, offsets = doc_tokens
-    # A cut point where re-tokenizing the prefix gives the same tokens (a word boundary).
-    k = next(
-        k for k in range(120, 300)
-        if doc_text[offsets[k - 1, 1]] == " "
-        and np.array_equal(text_tokens(encoder, doc_text[: offsets[k - 1, 1]])[0], ids[:k])
-    )
-    cut = doc_text[: offsets[k - 1, 1]]
-    kwargs = dict(chunk_size=32, chunk_overlap=8, splitter=splitter)
-    with pytest.warns(TruncationWarning):
-        truncated = encoder.encode_chunks(doc_text, max_length=k + 2, **kwargs)
-    reference = encoder.encode_chunks(cut, **kwargs)
-    assert reference.truncated_tokens == 0
-    assert truncated.truncated_tokens == len(ids) - k
-    assert truncated.token_spans == reference.token_spans
-    assert truncated.texts == reference.texts
-    np.testing.assert_allclose(truncated.vectors, reference.vectors, atol=1e-5)
-
-
-def test_truncate_false_raises_in_chunk_mode(encoder, doc_text):
-    """encode_chunks with truncate=False and a too-long text raises instead of cutting."""
-    with pytest.raises(ValueError, match=r"texts\[0\] has \d+ tokens but only 98 fit"):
-        encoder.encode_chunks(doc_text, chunk_size=16, chunk_overlap=4, max_length=100, truncate=False)
+def test_truncate_has_no_effect_in_chunk_mode(encoder, doc_text):
+    """encode_chunks never raises or cuts for a long text: truncate=False gives the same windows."""
+    kwargs = dict(chunk_size=16, chunk_overlap=4, max_length=100)
+    windowed = encoder.encode_chunks(doc_text, truncate=False, **kwargs)
+    default = encoder.encode_chunks(doc_text, **kwargs)
+    assert windowed.token_spans == default.token_spans and windowed.windows == default.windows > 1
+    np.testing.assert_array_equal(windowed.vectors, default.vectors)
 
 
 # -- the pure functions of runtimes.chunking --------------------------------------------------------

@@ -326,14 +326,16 @@ def over_limit_text(encoder, long_text):
 
 
 def test_default_max_length_is_model_maximum(encoder, over_limit_text):
-    """Without max_length, a text longer than the model is cut to max_position_embeddings - 2 tokens."""
+    """Without max_length, encode cuts a text longer than the model to max_position_embeddings - 2 tokens,
+    and encode_chunks runs it in windows of that many (nothing cut)."""
     n = len(text_ids(encoder, over_limit_text))
     limit = encoder.config.max_position_embeddings
     expected = rf"exceeded {limit - 2} text tokens .*\({n - (limit - 2)} tokens dropped"
     with pytest.warns(TruncationWarning, match=expected):
-        doc = encoder.encode_chunks(over_limit_text, chunk_size=1024, chunk_overlap=0)
-    assert doc.truncated_tokens == n - (limit - 2)
-    assert doc.token_spans[-1][1] == limit - 2
+        encoder.encode(over_limit_text, mode="mean")
+    doc = encoder.encode_chunks(over_limit_text, chunk_size=1024, chunk_overlap=0)
+    assert doc.truncated_tokens == 0 and doc.windows == 2
+    assert doc.token_spans[-1][1] == n
 
 
 def test_default_max_length_truncate_false_raises(encoder, over_limit_text):
@@ -383,14 +385,14 @@ def test_max_length_at_model_maximum_is_allowed(encoder):
 
 
 def test_max_length_just_fits_the_prompt(encoder):
-    """max_length = 3 + prompt length keeps exactly one text token."""
+    """max_length = 3 + prompt length holds exactly one text token: encode keeps one, encode_chunks runs
+    one window per token."""
     prompt_len = len(encoder.tokenizer.prompt_ids("query"))
-    with pytest.warns(TruncationWarning):
-        doc = encoder.encode_chunks(
-            SENTENCE, prompt="query", max_length=prompt_len + 3, chunk_size=4, chunk_overlap=0
-        )
-    assert doc.token_spans == [(0, 1)]
-    assert doc.truncated_tokens == len(text_ids(encoder, SENTENCE)) - 1
+    n = len(text_ids(encoder, SENTENCE))
+    doc = encoder.encode_chunks(SENTENCE, prompt="query", max_length=prompt_len + 3, chunk_size=4, chunk_overlap=0)
+    assert doc.windows == n and doc.token_spans[-1][1] == n
+    with pytest.warns(TruncationWarning, match=rf"\({n - 1} tokens dropped"):
+        encoder.encode(SENTENCE, prompt="query", max_length=prompt_len + 3)
 
 
 # -- modes and prompts ------------------------------------------------------------------------------

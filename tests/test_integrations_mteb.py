@@ -102,11 +102,12 @@ def mini_onnx(tmp_path_factory):
     """dewey-mini exported to ONNX once per session (verified against PyTorch at export)."""
     for module in ("onnx", "onnxscript", "onnxruntime"):
         pytest.importorskip(module, reason="the export extra is not installed")
-    from dewey_export.onnx_export import export_onnx
+    from dewey_export.onnx_export import OnnxTarget
+    from dewey_export.pipeline import export
     from runtimes import default_model_path
 
-    return export_onnx(default_model_path(), tmp_path_factory.mktemp("mteb") / "dewey-mini-onnx",
-                       log=lambda message: None).folder
+    return export(default_model_path(), tmp_path_factory.mktemp("mteb") / "dewey-mini-onnx", OnnxTarget(),
+                  log=lambda message: None).folder
 
 
 @pytest.fixture(scope="module")

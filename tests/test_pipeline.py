@@ -33,6 +33,7 @@ from dewey_export.verify import compare_backends  # noqa: E402
 from runtimes.backends import backend_for_folder  # noqa: E402
 from runtimes.backends.onnx_backend import OnnxBackend  # noqa: E402
 from runtimes.config import load_config  # noqa: E402
+from runtimes.files import LEFTOVER_MARK  # noqa: E402
 from runtimes.errors import EXIT_BAD_INPUT, EXIT_VERIFICATION_FAILED, ModelFileError, VerificationFailed  # noqa: E402
 from runtimes.export_format import MANIFEST_FILE, ONNX_FILE, ExportManifest, read_manifest, write_manifest  # noqa: E402
 from runtimes.trt_plan import EngineMetadata  # noqa: E402
@@ -348,8 +349,9 @@ def test_cleanup_beside_out_touches_only_what_dewey_export_wrote(onnx_export, ch
     for folder in users.values():
         folder.mkdir()
         (folder / "data.csv").write_text("the user's\n")
-    ours = tmp_path / f".out.{pid}.4567cdef.tmp"  # what a killed export left: its own files only
+    ours = tmp_path / f".out.{pid}.4567cdef.tmp"  # what a killed export left: its own files and the mark
     shutil.copytree(onnx_export, ours)
+    (ours / LEFTOVER_MARK).mkdir()
     export(checkpoint, tmp_path / "out", OnnxTarget(), verify=False, log=lambda m: None)
     assert all((folder / "data.csv").read_text() == "the user's\n" for folder in users.values())
     assert not ours.exists() and not (tmp_path / "out" / "data.csv").exists()

@@ -144,14 +144,16 @@ def chunk_error(chunk_size: int, chunk_overlap: int, splitter: str):
     return None
 
 
-def length_error(encoder, texts, max_length, prompt, truncate):
-    """(error, token counts): the no-room and no-truncation errors, which come after the text checks."""
+def length_error(encoder, texts, max_length, prompt, truncate, windowed=False):
+    """(error, token counts): the no-room and no-truncation errors, which come after the text checks.
+    ``windowed``: a text over the row runs in windows instead (encode_chunks; encode's ``mean`` with
+    truncate=False), so only the no-room error remains."""
     budget = text_budget(encoder, max_length, prompt)
     if budget < 1:
         return (ValueError, rf"^max_length={max_length} leaves no room for text", "no room"), None
     counts = [token_count(encoder, t) for t in texts]
     cut = [i for i, n in enumerate(counts) if n > budget]
-    if cut and not truncate:
+    if cut and not truncate and not windowed:
         i = cut[0]
         return (ValueError, rf"^texts\[{i}\] has {counts[i]} tokens but only {budget} fit", "too long"), None
     return None, counts
@@ -195,17 +197,20 @@ def assert_unit_rows(vectors: np.ndarray, width: int) -> None:
 )
 def test_encode_contract(encoder, texts, single, max_length, truncate, mode, prompt, probe):
     """encode: exactly the documented errors; otherwise unit-norm finite float32 rows in input order,
-    a TruncationWarning exactly when a text was cut, and each text equal to itself encoded alone."""
+    a TruncationWarning exactly when a text was cut (truncate=True), texts over the row in windows for
+    mode ``mean`` with truncate=False, and each text equal to itself encoded alone."""
     single = single and len(texts) == 1
     kwargs = dict(max_length=max_length, truncate=truncate, mode=mode, prompt=prompt)
     expected, counts = text_error(texts), None
     if expected is None:
-        expected, counts = length_error(encoder, texts, max_length, prompt, truncate)
+        expected, counts = length_error(encoder, texts, max_length, prompt, truncate,
+                                        windowed=not truncate and mode == "mean")
     out, warned = outcome(lambda: encoder.encode(texts[0] if single else texts, **kwargs), expected)
     if expected is not None:
         return
-    event("encoded, some cut" if warned else "encoded")
-    assert warned == any(n > text_budget(encoder, max_length, prompt) for n in counts)
+    over = any(n > text_budget(encoder, max_length, prompt) for n in counts)
+    event("encoded, some cut" if warned else "encoded, some windowed" if over else "encoded")
+    assert warned == (truncate and over)
     rows = out[None] if single else out
     assert rows.shape == (len(texts), encoder.vector_size)
     assert_unit_rows(rows, encoder.vector_size)
@@ -226,26 +231,27 @@ def test_encode_contract(encoder, texts, single, max_length, truncate, mode, pro
 def test_encode_chunks_contract(encoder, texts, single, chunk_args, max_length, truncate, probe):
     """encode_chunks: exactly the documented errors; otherwise, per text, token spans inside the kept
     tokens and at most chunk_size long (covering them without gaps for tokens/words), char spans inside
-    the text with text[a:b] == texts[j], truncated_tokens = tokens cut, unit-norm finite vectors, and
-    each document equal to the text chunked alone."""
+    the text with text[a:b] == texts[j], no text cut (texts over the row run in windows, whatever
+    truncate says), unit-norm finite vectors, and each document equal to the text chunked alone."""
     single = single and len(texts) == 1
     chunk_size, chunk_overlap, splitter = chunk_args
     kwargs = dict(chunk_size=chunk_size, chunk_overlap=chunk_overlap, splitter=splitter, max_length=max_length,
                   truncate=truncate)
     expected, counts = chunk_error(chunk_size, chunk_overlap, splitter) or text_error(texts), None
     if expected is None:
-        expected, counts = length_error(encoder, texts, max_length, None, truncate)
+        expected, counts = length_error(encoder, texts, max_length, None, truncate, windowed=True)
     out, warned = outcome(lambda: encoder.encode_chunks(texts[0] if single else texts, **kwargs), expected)
     if expected is not None:
         return
-    event(f"chunked: {splitter}, some cut" if warned else f"chunked: {splitter}")
+    budget = text_budget(encoder, max_length, None)
+    event(f"chunked: {splitter}, some windowed" if any(n > budget for n in counts) else f"chunked: {splitter}")
     docs = [out] if single else out
     assert len(docs) == len(texts)
-    budget = text_budget(encoder, max_length, None)
-    assert warned == any(n > budget for n in counts)
+    assert not warned
     for text, n, doc in zip(texts, counts, docs):
-        kept = min(n, budget)
-        assert doc.truncated_tokens == n - kept
+        kept = n
+        assert doc.truncated_tokens == 0
+        assert (doc.windows > 1) == (n > budget)
         spans = np.asarray(doc.token_spans).reshape(-1, 2)
         assert len(spans) >= 1
         assert (spans[:, 0] >= 0).all() and (spans[:, 0] < spans[:, 1]).all() and (spans[:, 1] <= kept).all()

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """A folder holding text, Markdown, JSONL and Parquet documents of Python's own documentation:
-    returns (folder, {document id: its text}), ids as dewey-embed assigns them."""
+    returns (folder, {document id: its text}), ids as dewey-embed assigns them (names relative to the
+    folder)."""
     import pyarrow as pa
     from pydoc_data.topics import topics
 
@@ -30,7 +31,7 @@ def corpus(tmp_path_factory):
         path = folder / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(text.encode("utf-8"))
-        texts[str(path)] = text
+        texts[relative] = text
 
     # \r\n line ends and non-ASCII text: char spans must index the file's text as it is.
     text_file("notes/if.txt", topics["if"].replace("\n", "\r\n"))
@@ -42,7 +43,7 @@ def corpus(tmp_path_factory):
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     for number, record in enumerate(records, 1):
-        texts[record.get("id", f"{folder / 'records.jsonl'}:{number}")] = record["text"]
+        texts[record.get("id", f"records.jsonl:{number}")] = record["text"]
     rows = {"id": [101, 102, 103], "text": [topics[name][:1800] for name in ("del", "return", "yield")]}
     pq.write_table(pa.table(rows), folder / "table.parquet")
     texts.update({str(doc_id): text for doc_id, text in zip(rows["id"], rows["text"])})

@@ -128,19 +128,21 @@ def mini_torch(mini):
 def mini_onnx(mini, tmp_path_factory):
     """dewey-mini exported to ONNX once per session (the Python export function, as tests/test_export.py)."""
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
-    from dewey_export.onnx_export import export_onnx
+    from dewey_export.onnx_export import OnnxTarget
+    from dewey_export.pipeline import export
 
-    return export_onnx(mini, tmp_path_factory.mktemp("serve-onnx") / "dewey-mini-onnx", log=lambda m: None).folder
+    return export(mini, tmp_path_factory.mktemp("serve-onnx") / "dewey-mini-onnx", OnnxTarget(), log=lambda m: None).folder
 
 
 @pytest.fixture(scope="session")
 def mini_openvino(mini, tmp_path_factory):
     """dewey-mini exported to OpenVINO (fp32) once per session, as tests/test_openvino.py does."""
     pytest.importorskip("openvino", reason="the openvino extra is not installed")
-    from dewey_export.openvino_export import export_openvino
+    from dewey_export.openvino_export import OpenVINOTarget
+    from dewey_export.pipeline import export
 
-    result = export_openvino(mini, tmp_path_factory.mktemp("serve-ov") / "dewey-mini-openvino", precision="fp32",
-                             log=lambda m: None)
+    result = export(mini, tmp_path_factory.mktemp("serve-ov") / "dewey-mini-openvino", OpenVINOTarget(precision="fp32"),
+                    log=lambda m: None)
     return result.folder
 
 
