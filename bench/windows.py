@@ -138,8 +138,7 @@ def run_retrieval(args) -> dict:
     import runtimes
     from pydoc_data.topics import topics
 
-    from dewey_train.evaluation.metrics import ndcg_at_k
-    from dewey_train.evaluation.retrieval import sample_sentence_queries
+    from runtimes.evaluation import ndcg_at_k, sample_sentence_queries
 
     encoder = runtimes.load(backend="torch")
     capacity = args.window - 2

@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 
 from runtimes.batching import DEFAULT_MAX_BATCH_TOKENS
 from runtimes.config import SINGLE_VECTOR_TYPES
+from runtimes.encoder import truncate_dimensions
 
 from . import schema
 from .batcher import Batcher, QueueFull, TooLarge
@@ -325,7 +326,7 @@ def _vector_out(vector: np.ndarray, encoding_format: str):
 def _truncation(state: ServerState, rows, record: dict) -> dict[str, str]:
     """Count inputs and tokens (and what truncation cut) in the metrics, the log line and the headers."""
     metrics = state.metrics
-    inputs, tokens = len(rows.rows), rows.row_tokens
+    inputs, tokens = len(rows.cut), rows.row_tokens  # rows.rows may hold several windows of an input
     cut_inputs, cut_tokens = sum(1 for c in rows.cut if c), sum(rows.cut)
     metrics.inputs.inc(inputs)
     metrics.tokens.inc(tokens)
@@ -405,30 +406,33 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         body = await _body(request, settings.max_payload_bytes)
 
         def prepare():
-            req = schema.embedding_request(schema.parse_json(body), model.config.vector_size)
+            req = schema.embedding_request(schema.parse_json(body), model.config.vector_size,
+                                           model.config.matryoshka_dimensions)
             _check_model(state, req.model)
             try:
                 mode = model.mode(req.mode)
-                prompt_ids = model.prompt_ids(req.prompt)
                 truncate = settings.truncate if req.truncate is None else req.truncate
                 if req.inputs.texts is not None:
-                    rows = model.text_rows(req.inputs.texts, prompt_ids, state.max_input_tokens, truncate)
+                    rows = model.plan_texts(req.inputs.texts, mode, req.prompt, state.max_input_tokens, truncate,
+                                            req.dimensions)
                 else:
-                    rows = model.id_rows(req.inputs.ids, prompt_ids, state.max_input_tokens, truncate)
+                    rows = model.id_rows(req.inputs.ids, mode, req.prompt, state.max_input_tokens, truncate)
             except InputError as exc:
                 raise exc.api_error() from None
-            return req, mode, rows
+            return req, rows
 
-        req, mode, rows = await run_in_threadpool(prepare)
+        req, rows = await run_in_threadpool(prepare)
         record = request.scope["dewey_log"]
         headers = _truncation(state, rows, record)
         try:
-            outputs = await _run(request, state, rows.rows, model.pooled_spans(rows))
+            outputs = await _run(request, state, rows.rows, rows.spans)
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
-        vectors = model.single(np.stack([c for c, _ in outputs]), np.stack([s[0] for _, s in outputs]), mode)
+        vectors = await run_in_threadpool(rows.result, outputs)
+        if req.dimensions is not None and req.inputs.texts is None:
+            vectors = truncate_dimensions(vectors, req.dimensions, model.config.matryoshka_dimensions, True)
         data = [{"object": "embedding", "index": i, "embedding": _vector_out(v, req.encoding_format)}
-                for i, v in enumerate(vectors)]
+                for i, v in enumerate(np.atleast_2d(vectors))]
         return _answer(state, data, rows, headers)
 
     @app.post("/v1/embeddings/chunks")
@@ -442,36 +446,31 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             try:
                 model.check_chunk_args(req.chunk_size, req.chunk_overlap, req.splitter)
                 mode = model.mode(req.mode)
-                prompt_ids = model.prompt_ids(req.prompt)
-                truncate = settings.truncate if req.truncate is None else req.truncate
-                rows = model.text_rows(req.texts, prompt_ids, state.max_input_tokens, truncate)
+                # A document over the input limit runs in windows of it (Encoder.encode_chunks): nothing is
+                # cut, so "truncate" changes nothing here.
+                rows = model.plan_chunks(req.texts, mode, req.prompt, state.max_input_tokens, req.chunk_size,
+                                         req.chunk_overlap, req.splitter)
             except InputError as exc:
                 raise exc.api_error() from None
-            spans = model.chunk_token_spans(req.texts, rows, req.chunk_size, req.chunk_overlap, req.splitter)
-            return req, mode, rows, spans
+            return req, rows
 
-        req, mode, rows, token_spans = await run_in_threadpool(prepare)
+        req, rows = await run_in_threadpool(prepare)
         record = request.scope["dewey_log"]
         headers = _truncation(state, rows, record)
-        # One pass per document: its chunk spans, then its whole text span (the mean of its vector).
-        row_spans = [np.concatenate([s + rows.text_start, [[rows.text_start, rows.text_start + n]]]).astype(np.int64)
-                     for s, n in zip(token_spans, rows.kept)]
         try:
-            outputs = await _run(request, state, rows.rows, row_spans)
+            outputs = await _run(request, state, rows.rows, rows.spans)
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
-        doc_vectors = model.single(np.stack([c for c, _ in outputs]), np.stack([s[-1] for _, s in outputs]), mode)
+        documents = await run_in_threadpool(rows.result, outputs)
         data = []
-        for i, (text, (_, span_vectors), spans) in enumerate(zip(req.texts, outputs, token_spans)):
-            tokens = rows.tokens[i]
-            chars = model.char_spans(tokens, spans)
-            vectors = model.chunk_vectors(span_vectors[:-1])
+        for i, doc in enumerate(documents):
             data.append({
-                "object": "document", "index": i, "embedding": _vector_out(doc_vectors[i], req.encoding_format),
-                "truncated_tokens": rows.cut[i],
+                "object": "document", "index": i, "embedding": _vector_out(doc.vector, req.encoding_format),
+                "truncated_tokens": 0, "windows": doc.windows,
                 "chunks": [{"object": "chunk", "index": j, "embedding": _vector_out(v, req.encoding_format),
-                            "text": text[a:b], "token_span": [int(s), int(e)], "char_span": [int(a), int(b)]}
-                           for j, (v, (s, e), (a, b)) in enumerate(zip(vectors, spans, chars))],
+                            "text": text, "token_span": [int(s), int(e)], "char_span": [int(a), int(b)]}
+                           for j, (v, text, (s, e), (a, b)) in enumerate(zip(doc.vectors, doc.texts, doc.token_spans,
+                                                                             doc.char_spans))],
             })
         return _answer(state, data, rows, headers)
 
@@ -484,13 +483,13 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             req = schema.tokenize_request(schema.parse_json(body))
             try:
                 prompt_ids = model.prompt_ids(req.prompt)
-                rows = model.text_rows(req.texts, prompt_ids, model.config.max_position_embeddings, truncate=True)
+                tokens = model.tokenize(req.texts)
             except InputError as exc:
                 raise exc.api_error() from None
-            return prompt_ids, rows
+            return prompt_ids, tokens
 
-        prompt_ids, rows = await run_in_threadpool(prepare)
+        prompt_ids, tokens = await run_in_threadpool(prepare)
         data = [{"index": i, "ids": t.ids.tolist(), "offsets": t.offsets.tolist(), "tokens": len(t.ids),
-                 "row_tokens": len(t.ids) + len(prompt_ids) + 2} for i, t in enumerate(rows.tokens)]
+                 "row_tokens": len(t.ids) + len(prompt_ids) + 2} for i, t in enumerate(tokens)]
         return {"object": "list", "data": data, "prompt_tokens": len(prompt_ids),
                 "max_input_tokens": state.max_input_tokens}

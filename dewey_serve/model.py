@@ -2,11 +2,11 @@
 the vectors made from its outputs.
 
 The server batches rows from many requests together, so it cannot hand each request to
-``Encoder.encode`` (one call, one batch plan). It builds the same rows from the same parts the Encoder
-uses (``DeweyTokenizer.prompt_ids`` / ``encode_texts`` / ``text_budget`` / ``row``,
-``runtimes.chunking.chunk_spans``, ``runtimes.batching.pad_batch``, ``runtimes.encoder.single_vectors``)
-and pools in the same order and precision (backend float32, float64 pooling, float32 out), so a served
-vector equals the in-process ``encode`` / ``encode_chunks`` one up to the padding of its batch.
+``Encoder.encode`` (one call, one batch plan). It asks the Encoder for the request's rows instead
+(``Encoder.plan_encode`` / ``plan_chunks``: the same tokenization, prompts, span rules, windows past the
+row and pooling as ``encode`` / ``encode_chunks``), runs them in shared batches and hands each row's
+outputs back to the plan, so a served vector equals the in-process one up to the padding of its batch.
+Token-id inputs (the OpenAI API's) have no text: their rows are built here from the ids.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from runtimes.batching import pad_batch
-from runtimes.chunking import RecursiveSplitter, char_spans, check_chunk_args, chunk_spans
+from runtimes.chunking import check_chunk_args
 from runtimes.config import SINGLE_VECTOR_TYPES
-from runtimes.encoder import Encoder, l2_normalize, single_vectors
+from runtimes.encoder import Encoder, RowPlan, single_vectors
 from runtimes.export_format import MANIFEST_FILE
 from runtimes.precision import precision_name
-from runtimes.tokenization import SPECIAL_TOKENS_PER_ROW, TextTokens, check_encodable
+from runtimes.tokenization import SPECIAL_TOKENS_PER_ROW
 
 from .errors import InputError
 
@@ -32,18 +32,50 @@ WARMUP_SHORT_TOKENS = 32
 
 
 @dataclass
+class Planned:
+    """A request of texts as the Encoder planned it: its rows, their spans, and its answer from their
+    outputs (``result``)."""
+
+    plan: RowPlan
+
+    def __post_init__(self):
+        self.rows = [self.plan.row(r) for r in range(len(self.plan.lengths))]
+
+    @property
+    def spans(self) -> list[np.ndarray]:
+        return self.plan.spans
+
+    @property
+    def row_tokens(self) -> int:
+        return sum(self.plan.lengths)
+
+    @property
+    def cut(self) -> list[int]:
+        return [c or 0 for c in self.plan.cut]
+
+    def result(self, outputs: list):
+        """What ``encode`` / ``encode_chunks`` return, from each row's ``(cls, spans)`` in order."""
+        for r, (cls, spans) in enumerate(outputs):
+            self.plan.add(r, cls, spans)
+        return self.plan.result()
+
+
+@dataclass
 class Rows:
-    """A request's inputs as model rows: ``[CLS] prompt text[:kept] [SEP]``."""
+    """A request of token ids as model rows: ``[CLS] prompt ids[:kept] [SEP]``."""
 
     rows: list[np.ndarray]
-    kept: list[int]  # text tokens kept per input
-    cut: list[int]  # text tokens cut per input by truncation
-    text_start: int  # row position of each input's first text token
-    tokens: list[TextTokens] | None  # the texts' tokens (None for token-id inputs)
+    spans: list[np.ndarray]  # each row's mean span (the model's span rule)
+    cut: list[int]  # tokens cut per input by truncation
+    mode: str
 
     @property
     def row_tokens(self) -> int:
         return sum(len(r) for r in self.rows)
+
+    def result(self, outputs: list) -> np.ndarray:
+        return single_vectors(np.stack([np.asarray(c, np.float64) for c, _ in outputs]),
+                              np.stack([np.asarray(s[0], np.float64) for _, s in outputs]), self.mode, normalize=True)
 
 
 class ServedModel:
@@ -56,7 +88,6 @@ class ServedModel:
         self.name = name
         self.source = Path(source)
         self.backend_name = backend
-        self._recursive = RecursiveSplitter(self.tokenizer.tokenizer)
 
     # -- checks -----------------------------------------------------------------------------------
 
@@ -75,23 +106,48 @@ class ServedModel:
 
     # -- rows -------------------------------------------------------------------------------------
 
-    def text_rows(self, texts: list[str], prompt_ids: np.ndarray, max_tokens: int, truncate: bool,
-                  param: str = "input") -> Rows:
-        for i, text in enumerate(texts):
-            if not text.strip():
-                raise InputError(f"{param}[{i}] is empty or only whitespace: there is nothing to embed", param)
-            try:
-                check_encodable(f"{param}[{i}]", text)
-            except ValueError as exc:
-                raise InputError(str(exc), param) from None
+    def _planned(self, plan_call, param: str) -> Planned:
+        """``plan_call()`` (an Encoder plan), its input errors as 400s naming ``param``."""
         try:
-            tokens = self.tokenizer.encode_texts(texts)
-        except ValueError as exc:  # a text of only characters the tokenizer drops
-            raise InputError(str(exc).replace("texts[", f"{param}["), param) from None
-        return self._fit([t.ids for t in tokens], prompt_ids, max_tokens, truncate, tokens, param)
+            return Planned(plan_call())
+        except (TypeError, ValueError) as exc:
+            message = str(exc).replace("texts[", f"{param}[")
+            name = "dimensions" if "dimensions" in message else "prompt" if "prompt" in message else param
+            raise InputError(message, name) from None
 
-    def id_rows(self, id_lists: list[list[int]], prompt_ids: np.ndarray, max_tokens: int, truncate: bool) -> Rows:
+    def plan_texts(self, texts: list[str], mode: str, prompt: str | None, max_tokens: int, truncate: bool,
+                   dimensions: int | None = None, param: str = "input") -> Planned:
+        """``encode``'s rows for ``texts`` in rows of at most ``max_tokens``: longer inputs cut when
+        ``truncate``, else refused, naming the first one and the counts."""
+        planned = self._planned(lambda: self.encoder.plan_encode(
+            texts, mode=mode, prompt_name=prompt, max_length=max_tokens, truncate=True, dimensions=dimensions,
+            count_cut=True), param)
+        over = [i for i, c in enumerate(planned.cut) if c]
+        if over and not truncate:
+            i = over[0]
+            length = planned.plan.lengths[i] + planned.cut[i]
+            raise InputError(
+                f"{param}[{i}] is {length} tokens long ([CLS], [SEP] and the prompt included), over this "
+                f"server's limit of {max_tokens} tokens per input; {len(over)} input(s) are too long. Send "
+                "\"truncate\": true to cut them, or send long texts to /v1/embeddings/chunks (windows)", param,
+                code="input_too_long")
+        return planned
+
+    def plan_chunks(self, texts: list[str], mode: str, prompt: str | None, max_tokens: int, chunk_size: int,
+                    chunk_overlap: int, splitter: str) -> Planned:
+        """``encode_chunks``' rows for ``texts``: a text over ``max_tokens`` runs in windows of it."""
+        return self._planned(lambda: self.encoder.plan_chunks(
+            texts, chunk_size=chunk_size, chunk_overlap=chunk_overlap, splitter=splitter, prompt_name=prompt,
+            max_length=max_tokens, mode=mode), "input")
+
+    def tokenize(self, texts: list[str], param: str = "input"):
+        """The texts' own tokens (ids, offsets), with the Encoder's checks."""
+        return self._planned(lambda: self.encoder.plan_chunks(texts, chunk_size=1, chunk_overlap=0), param).plan.tokens
+
+    def id_rows(self, id_lists: list[list[int]], mode: str, prompt: str | None, max_tokens: int,
+                truncate: bool) -> Rows:
         vocab = self.config.vocab_size
+        prompt_ids = self.prompt_ids(prompt if prompt is not None else self.config.default_prompt_name)
         arrays = []
         for i, ids in enumerate(id_lists):
             if not ids:
@@ -102,38 +158,25 @@ class ServedModel:
                 raise InputError(f"input[{i}][{bad[0]}] = {ids[bad[0]]} is not a token id of this model "
                                  f"(0 .. {vocab - 1})", "input")
             arrays.append(array)
-        return self._fit(arrays, prompt_ids, max_tokens, truncate, None, "input")
-
-    def _fit(self, id_arrays, prompt_ids, max_tokens: int, truncate: bool, tokens, param: str) -> Rows:
-        """Rows of at most ``max_tokens``: longer inputs cut when ``truncate``, else refused, naming the
-        first one and the counts."""
         try:
             budget = self.tokenizer.text_budget(prompt_ids, max_tokens)
         except ValueError as exc:
             raise InputError(str(exc), "prompt") from None
-        kept = [min(len(ids), budget) for ids in id_arrays]
-        cut = [len(ids) - n for ids, n in zip(id_arrays, kept)]
+        kept = [min(len(ids), budget) for ids in arrays]
+        cut = [len(ids) - n for ids, n in zip(arrays, kept)]
         over = [i for i, c in enumerate(cut) if c]
         if over and not truncate:
             i = over[0]
-            length = len(id_arrays[i]) + SPECIAL_TOKENS_PER_ROW + len(prompt_ids)
+            length = len(arrays[i]) + SPECIAL_TOKENS_PER_ROW + len(prompt_ids)
             raise InputError(
-                f"{param}[{i}] is {length} tokens long ([CLS], [SEP] and the prompt included), over this "
+                f"input[{i}] is {length} tokens long ([CLS], [SEP] and the prompt included), over this "
                 f"server's limit of {max_tokens} tokens per input; {len(over)} input(s) are too long. Send "
-                "\"truncate\": true to cut them, or split long texts with /v1/embeddings/chunks", param,
-                code="input_too_long")
-        rows = [self.tokenizer.row(prompt_ids, ids[:n]) for ids, n in zip(id_arrays, kept)]
-        return Rows(rows, kept, cut, 1 + len(prompt_ids), tokens)
-
-    def pooled_spans(self, rows: Rows) -> list[np.ndarray]:
-        """Each row's text span: the ``mean`` of its single vector."""
-        return [np.array([[rows.text_start, rows.text_start + n]], dtype=np.int64) for n in rows.kept]
-
-    def chunk_token_spans(self, texts: list[str], rows: Rows, chunk_size: int, chunk_overlap: int,
-                          splitter: str) -> list[np.ndarray]:
-        """Each text's chunk spans (its own tokens, as ``Encoder.encode_chunks``)."""
-        return [chunk_spans(text, tok.offsets[:n], chunk_size, chunk_overlap, splitter, self._recursive)
-                for text, tok, n in zip(texts, rows.tokens, rows.kept)]
+                "\"truncate\": true to cut them", "input", code="input_too_long")
+        rows = [self.tokenizer.row(prompt_ids, ids[:n]) for ids, n in zip(arrays, kept)]
+        start = 1 + len(prompt_ids)
+        spans = [np.array([self.encoder.mean_span(len(row), start, n, len(prompt_ids))], dtype=np.int64)
+                 for row, n in zip(rows, kept)]
+        return Rows(rows, spans, cut, mode)
 
     @staticmethod
     def check_chunk_args(chunk_size, chunk_overlap, splitter: str) -> None:
@@ -151,18 +194,6 @@ class ServedModel:
         cls, span_vectors = self.encoder.backend.forward(ids, mask, bounds)
         cls = np.asarray(cls, dtype=np.float64)
         return cls, [np.asarray(span_vectors[j, : len(s)], dtype=np.float64) for j, s in enumerate(spans)]
-
-    @staticmethod
-    def single(cls: np.ndarray, means: np.ndarray, mode: str) -> np.ndarray:
-        return single_vectors(cls, means, mode, normalize=True)
-
-    @staticmethod
-    def chunk_vectors(span_vectors: np.ndarray) -> np.ndarray:
-        return l2_normalize(span_vectors).astype(np.float32, copy=False)
-
-    @staticmethod
-    def char_spans(tokens: TextTokens, spans: np.ndarray) -> np.ndarray:
-        return char_spans(tokens.offsets, spans)
 
     def warm_up(self, tokens: int) -> None:
         """Run a row of ``tokens`` tokens (the longest a request may send) and a short one, so the first

@@ -31,6 +31,7 @@ class EmbeddingRequest:
     mode: str | None
     prompt: str | None
     truncate: bool | None
+    dimensions: int | None = None
 
 
 @dataclass
@@ -134,19 +135,20 @@ def _common(fields: _Fields):
     )
 
 
-def embedding_request(body: dict, vector_size: int) -> EmbeddingRequest:
+def embedding_request(body: dict, vector_size: int, declared: tuple[int, ...] = ()) -> EmbeddingRequest:
+    """``declared``: the shorter (Matryoshka) sizes the model declares, which ``dimensions`` may ask for."""
     fields = _Fields(body)
     model = fields.get("model", str, required=True)
     inputs = _inputs(fields.get("input", object, required=True))
     _check_count(len(inputs), "input")
     dimensions = fields.get("dimensions", int)
-    if dimensions is not None:
-        # No Dewey model declares reduced (Matryoshka) sizes: cutting its vectors would change them.
-        raise bad_request(f"this model does not support 'dimensions': its vectors have {vector_size} dimensions "
-                          "and declare no shorter sizes; leave 'dimensions' out", "dimensions",
-                          code="unsupported_parameter")
+    if dimensions is not None and dimensions != vector_size and dimensions not in declared:
+        # Cutting the vectors of a model not trained for it (Matryoshka) would change what they mean.
+        sizes = ", ".join(map(str, declared)) if declared else "no shorter sizes"
+        raise bad_request(f"this model does not support 'dimensions': {dimensions}: its vectors have {vector_size} "
+                          f"dimensions and it declares {sizes}", "dimensions", code="unsupported_parameter")
     fields.get("user", str)  # accepted, as by OpenAI; not used and not logged
-    request = EmbeddingRequest(model, inputs, **_common(fields))
+    request = EmbeddingRequest(model, inputs, **_common(fields), dimensions=dimensions)
     fields.done()
     return request
 

@@ -218,16 +218,18 @@ class Encoder:
 
     def plan_encode(self, texts, mode=None, prompt=None, max_length=None, normalize=None, show_progress=None,
                     truncate=True, *, normalize_embeddings=None, show_progress_bar=None, prompt_name=None,
-                    dimensions=None, window_overlap=None) -> RowPlan:
+                    dimensions=None, window_overlap=None, count_cut=False) -> RowPlan:
         """``encode``'s rows, and how their outputs become its result, without running them: for a caller
         that batches rows of many calls together (``dewey-serve``). Run the rows (``plan.row(r)``,
         ``plan.spans[r]``) through ``backend.forward`` in any batches, ``plan.add`` each row's outputs, and
-        ``plan.result()`` is what ``encode`` returns. Keywords as for ``encode``."""
+        ``plan.result()`` is what ``encode`` returns. Keywords as for ``encode``; ``count_cut``: count the
+        tokens truncation cuts (``plan.cut``; tokenizing the rest of a long text piece by piece) where
+        ``encode`` only knows that it cut."""
         mode = self._mode(mode)
         job = self._prepare(
             texts, max_length, truncate, prompt=prompt, prompt_name=prompt_name, normalize=normalize,
             normalize_embeddings=normalize_embeddings, show_progress=show_progress, show_progress_bar=show_progress_bar,
-            windowed=not truncate and mode == "mean" and self.config.mean_tokens == "text",
+            windowed=not truncate and mode == "mean" and self.config.mean_tokens == "text", count_cut=count_cut,
         )
         if job is None:
             return RowPlan(self, None, [], window_overlap, lambda pooled: np.zeros((0, self.vector_size), np.float32))
@@ -348,9 +350,14 @@ class Encoder:
     # -- shared steps --------------------------------------------------------------------------
 
     def _mean_span(self, job: _Job, i: int, row_length: int, start: int, end: int) -> tuple[int, int]:
+        """The row span the single-vector ``mean`` averages in a row of ``row_length`` tokens that holds
+        text ``i``'s tokens ``start..end``."""
+        return self.mean_span(row_length, job.text_start(i), end - start, job.prompt_tokens)
+
+    def mean_span(self, row_length: int, text_start: int, text_tokens: int, prompt_tokens: int = 0) -> tuple[int, int]:
         """The row span the single-vector ``mean`` averages, by the model's span rule
-        (runtimes.config.MEAN_TOKEN_RULES), in a row of ``row_length`` tokens that holds text ``i``'s
-        tokens ``start..end``."""
+        (runtimes.config.MEAN_TOKEN_RULES), in a row of ``row_length`` tokens whose ``text_tokens`` text
+        tokens start at ``text_start`` after a prompt of ``prompt_tokens`` tokens (tokenized alone)."""
         rule = self.config.mean_tokens
         if rule == "attended":
             return 0, row_length
@@ -358,8 +365,8 @@ class Encoder:
             return row_length - 1, row_length
         if rule == "after_prompt":
             # sentence-transformers masks [CLS] and the prompt tokenized alone, only when there is a prompt.
-            return (1 + job.prompt_tokens if job.prompt_tokens else 0), row_length
-        return job.text_start(i), job.text_start(i) + end - start
+            return (1 + prompt_tokens if prompt_tokens else 0), row_length
+        return text_start, text_start + text_tokens
 
     def _mode(self, mode: str | None) -> str:
         mode = self.config.single_vector_type if mode is None else mode
@@ -369,7 +376,7 @@ class Encoder:
 
     def _prepare(
         self, texts, max_length, truncate, *, prompt, prompt_name, normalize, normalize_embeddings, show_progress,
-        show_progress_bar, windowed: bool,
+        show_progress_bar, windowed: bool, count_cut: bool = False,
     ) -> _Job | None:
         """The common start of encode and encode_chunks: check the switches (each under either spelling)
         and the texts, tokenize, and truncate unless ``windowed`` (every token kept; a text over one row
@@ -389,7 +396,7 @@ class Encoder:
         max_length = self._max_length(max_length)
         # Tokenized only as far as a row holds unless every token is used (windowed): the tokens past the
         # room are counted only where a result reports them (truncate=False's error), never kept.
-        count = not truncate
+        count = count_cut or not truncate
         if self.config.prompt_style == "prefix" and len(prompt_ids):
             # The prompt string joins the text before tokenization, as sentence-transformers does.
             prompt_text = self.tokenizer.resolve_prompt(prompt, name_only=prompt_spelling == "prompt_name")
@@ -475,7 +482,8 @@ class RowPlan:
     affine (``config.head_affine``), and so is ``mean`` over the text's tokens (the span rule "text").
     The CLS output, and a ``mean`` by another span rule, are the token-weighted means of the windows'
     (an approximation). ``lengths[r]`` and ``spans[r]`` (int64 [C_r, 2] row positions) describe row
-    ``r``; ``row(r)`` builds it; ``cut[i]`` counts text ``i``'s tokens cut by truncation.
+    ``r``; ``row(r)`` builds it; ``cut[i]`` counts text ``i``'s tokens cut by truncation (None: cut, but
+    not counted) and ``tokens[i]`` holds its text tokens (ids, offsets into the text).
     """
 
     def __init__(self, encoder: Encoder, job: _Job | None, text_spans: list[np.ndarray], window_overlap, finish):
@@ -485,7 +493,10 @@ class RowPlan:
         self.show_progress = None if job is None else job.show_progress
         job = job or _Job([], False, [], [], [], [], True, None)
         self._job = job
-        self.cut = [len(t.ids) - n for t, n in zip(job.tokens, job.kept)]
+        self.tokens = job.tokens
+        # Tokens truncation cut per text (None: some, not counted: a long text tokenized only as far as kept).
+        self.cut = [(t.total - n if t.total is not None else None) if t.cut or n < len(t.ids) else 0
+                    for t, n in zip(job.tokens, job.kept)]
         # One entry per row: (text index, first and end text token, pieces or None for a whole text).
         self._sources: list[tuple[int, int, int, tuple | None]] = []
         self.spans: list[np.ndarray] = []

@@ -23,8 +23,7 @@ from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData  # noqa: 
 from mteb.abstasks.task_metadata import TaskMetadata  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
 
-from dewey_train.evaluation.metrics import ndcg_at_k  # noqa: E402
-from dewey_train.evaluation.retrieval import sample_sentence_queries  # noqa: E402
+from runtimes.evaluation import ndcg_at_k, sample_sentence_queries  # noqa: E402
 from runtimes import Encoder  # noqa: E402
 from runtimes.integrations.mteb import DeweyMTEBModel, DeweyMTEBMultiVector  # noqa: E402
 from test_integrations_imports import CHUNK_OVERLAP, CHUNK_SIZE, corpus  # noqa: E402

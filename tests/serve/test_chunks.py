@@ -8,7 +8,6 @@ import base64
 import numpy as np
 import pytest
 
-from runtimes import TruncationWarning
 
 from .conftest import API_KEYS, MAX_INPUT_TOKENS, PARITY_ATOL, http
 
@@ -44,19 +43,18 @@ def test_chunks_equal_encode_chunks_and_spans_slice_the_text(torch_server, mini_
     assert headers["x-dewey-truncated-inputs"] == "0"
 
 
-def test_chunks_base64_and_truncation(torch_server, mini_torch):
+def test_chunks_over_the_input_limit_run_in_windows(torch_server, mini_torch):
+    """A document over the server's input limit is neither refused nor cut: it runs in windows of the
+    limit, as Encoder.encode_chunks does in process (base64 vectors equal to it)."""
     text = documents()[0] * 3  # over the server's input limit
-    status, _, body = http("POST", torch_server.url + "/v1/embeddings/chunks",
-                           {"model": "dewey-mini", "input": text}, AUTH)
-    assert status == 400 and body["error"]["code"] == "input_too_long"
     status, headers, body = http("POST", torch_server.url + "/v1/embeddings/chunks", {
-        "model": "dewey-mini", "input": text, "encoding_format": "base64", "truncate": True}, AUTH)
-    assert status == 200
-    with pytest.warns(TruncationWarning):
-        ref = mini_torch.encode_chunks(text, max_length=MAX_INPUT_TOKENS)
+        "model": "dewey-mini", "input": text, "encoding_format": "base64"}, AUTH)
+    assert status == 200, body
+    ref = mini_torch.encode_chunks(text, max_length=MAX_INPUT_TOKENS)
     doc = body["data"][0]
-    assert doc["truncated_tokens"] == ref.truncated_tokens > 0 and headers["x-dewey-truncated-inputs"] == "1"
-    assert int(headers["x-dewey-truncated-tokens"]) == ref.truncated_tokens
+    assert ref.windows > 1 and doc["windows"] == ref.windows
+    assert doc["truncated_tokens"] == 0 and headers["x-dewey-truncated-inputs"] == "0"
+    assert [tuple(c["token_span"]) for c in doc["chunks"]] == ref.token_spans
     got = np.stack([np.frombuffer(base64.b64decode(c["embedding"]), dtype="<f4") for c in doc["chunks"]])
     np.testing.assert_allclose(got, ref.vectors, rtol=0, atol=PARITY_ATOL)
 
