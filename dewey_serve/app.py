@@ -317,6 +317,17 @@ async def _run(request: Request, state: ServerState, rows: list, spans: list) ->
     return ticket.future.result()
 
 
+async def _answer_rows(request: Request, state: ServerState, rows) -> tuple[object, dict]:
+    """A request's rows (model.Planned or model.Rows) through the shared batcher: their result (None when
+    the client went away first) and the truncation headers."""
+    headers = _truncation(state, rows, request.scope["dewey_log"])
+    try:
+        outputs = await _run(request, state, rows.rows, rows.spans)
+    except ClientGone:
+        return None, headers
+    return await run_in_threadpool(rows.result, outputs), headers
+
+
 def _vector_out(vector: np.ndarray, encoding_format: str):
     if encoding_format == "base64":  # what the openai client decodes: little-endian float32 bytes
         return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
@@ -422,13 +433,9 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             return req, rows
 
         req, rows = await run_in_threadpool(prepare)
-        record = request.scope["dewey_log"]
-        headers = _truncation(state, rows, record)
-        try:
-            outputs = await _run(request, state, rows.rows, rows.spans)
-        except ClientGone:
+        vectors, headers = await _answer_rows(request, state, rows)
+        if vectors is None:
             return Response(status_code=CLIENT_GONE)
-        vectors = await run_in_threadpool(rows.result, outputs)
         if req.dimensions is not None and req.inputs.texts is None:
             vectors = truncate_dimensions(vectors, req.dimensions, model.config.matryoshka_dimensions, True)
         data = [{"object": "embedding", "index": i, "embedding": _vector_out(v, req.encoding_format)}
@@ -455,13 +462,9 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             return req, rows
 
         req, rows = await run_in_threadpool(prepare)
-        record = request.scope["dewey_log"]
-        headers = _truncation(state, rows, record)
-        try:
-            outputs = await _run(request, state, rows.rows, rows.spans)
-        except ClientGone:
+        documents, headers = await _answer_rows(request, state, rows)
+        if documents is None:
             return Response(status_code=CLIENT_GONE)
-        documents = await run_in_threadpool(rows.result, outputs)
         data = []
         for i, doc in enumerate(documents):
             data.append({
