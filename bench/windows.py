@@ -173,7 +173,7 @@ def cost_child(folder: str, n_tokens: int, window: int | None) -> None:
     """One length in this process: prints a JSON line with seconds, windows and peak RSS."""
     import runtimes
 
-    encoder = runtimes.load(folder, backend="onnx", intra_op_num_threads=2)
+    encoder = runtimes.load(folder, backend="onnx", threads=2)
     text = real_document(encoder, n_tokens)
     started = time.perf_counter()
     doc = encoder.encode_chunks(text, chunk_size=CHUNK_SIZE, chunk_overlap=CHUNK_OVERLAP, mode="mean",

@@ -93,7 +93,7 @@ def test_export_records_the_resolved_commit(hub_cache, tmp_path):
     from dewey_export.pipeline import export
 
     result = export("org/tiny-dewey", tmp_path / "onnx", OnnxTarget(), verify=False, log=lambda message: None)
-    source = result.manifest["source"]
+    source = result.manifest.source
     assert source["model"]["hub"] == {"id": "org/tiny-dewey", "revision": "main", "commit": COMMIT}
     assert set(source["sha256"]) == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
     assert runtimes.load(result.folder, backend="onnx").encode("text").shape == (48,)

@@ -157,11 +157,11 @@ def test_release_export_records_the_head_and_never_runs_its_code(release, tmp_pa
     assert_never_opened(opened, folder)
     assert not marker.exists()
     assert result.passed
-    model = result.manifest["source"]["model"]
+    model = result.manifest.source["model"]
     assert model["layout"] == "dewey_release"
     assert model["head"] == [{"file": "model.safetensors", "weight": f"{HEAD}.weight", "bias": f"{HEAD}.bias",
                               "shape": [VECTOR, HIDDEN], "activation": "identity"}]
-    assert "modeling_dewey_v1.py" not in result.manifest["source"]["sha256"]
+    assert "modeling_dewey_v1.py" not in result.manifest.source["sha256"]
     exported = json.loads((result.folder / "config.json").read_text())
     assert exported["architectures"] == ["ModernBertModel"] and "auto_map" not in exported
     assert not (result.folder / "modeling_dewey_v1.py").exists()

@@ -189,7 +189,7 @@ def test_onnx_and_openvino_exports_match_sentence_transformers(st_models, texts,
         diff = worst_difference(encoder, st_models[name], CONFIGS[name], texts)
         print(f"[st-parity] {backend} {name}: max abs diff {diff:.3g}")
         assert diff <= ST_ATOL, (backend, diff)
-    model = exports["onnx"].manifest["source"]["model"]
+    model = exports["onnx"].manifest.source["model"]
     assert model["layout"] == "sentence_transformers"
     assert [layer["shape"][0] for layer in model["head"]] == [out for out, _, _ in CONFIGS[name]["dense"]]
 
