@@ -8,8 +8,11 @@ Engines. Peers: ``plain-fp32`` (transformers' ModernBertModel, sdpa, fp32) and `
 module through ``openvino.convert_model``, bf16 inference, each query allowed to see itself so that
 padded rows give no NaN: ``nan_safe``); both run batches of ``--batch`` texts in
 input order padded to their longest row and mean-pool the text tokens. Dewey: ``torch-fp32``,
-``torch-bf16``, ``onnx-fp32``, ``openvino-fp32``, ``openvino-bf16`` (and ``openvino-int8`` with
-``--int8``, which needs nncf), each through ``runtimes.load``.
+``torch-bf16``, ``onnx-fp32``, ``openvino-fp32``, ``openvino-bf16``, each through ``runtimes.load``;
+``--int8`` adds the int8 engines: ``onnx-int8`` (ONNX Runtime dynamic int8), ``openvino-int8`` (int8
+weights, the CPU's best float arithmetic), ``openvino-int8-f32`` (int8 weights, fp32 arithmetic: a CPU
+without bf16) and ``openvino-int8-full`` (int8 activations too), exported without their speed floor
+(the table is the measurement). The first lines say which CPU ran and its int8 / bf16 features.
 
 Workloads: ``short`` (8 texts of 288..512 tokens), ``tiny-batch`` (32 texts of 16..128 tokens), through
 ``encode`` (tokenization and pooling included; warm-up once, median of ``--repeats``), and ``long``: one
@@ -41,7 +44,7 @@ from throughput import openvino_op_seconds, ort_op_seconds, texts_of_exactly, ti
 
 PEERS = ("plain-fp32", "plain-ov-bf16")
 DEWEY = ("torch-fp32", "torch-bf16", "onnx-fp32", "openvino-fp32", "openvino-bf16")
-INT8 = "openvino-int8"
+INT8 = ("onnx-int8", "openvino-int8", "openvino-int8-f32", "openvino-int8-full")
 SHORT = {"short": (8, 288, 512), "tiny-batch": (32, 16, 128)}  # texts, shortest and longest row
 PLAIN_OV_XML = "plain-openvino/model.xml"
 GIB = long_context.GIB
@@ -99,7 +102,7 @@ def load_engine(engine: str, workdir: Path, threads: int, profile: bool = False)
 
         torch.set_num_threads(threads)
         encoder = runtimes.load(checkpoint, backend="torch", dtype=engine.split("-")[1])
-    elif engine == "onnx-fp32":
+    elif engine.startswith("onnx"):
         from runtimes.backends.onnx_backend import default_session_options
 
         options = default_session_options(threads)
@@ -107,7 +110,9 @@ def load_engine(engine: str, workdir: Path, threads: int, profile: bool = False)
         options.profile_file_prefix = str(workdir / "ort_profile")
         encoder = runtimes.load(workdir / engine, backend="onnx", session_options=options)
     elif engine.startswith("openvino"):
-        encoder = runtimes.load(workdir / engine, backend="openvino", threads=threads,
+        # openvino-int8-f32: the int8-weights folder run in fp32 arithmetic, as on a CPU without bf16.
+        folder, dtype = (workdir / "openvino-int8", "fp32") if engine == "openvino-int8-f32" else (workdir / engine, None)
+        encoder = runtimes.load(folder, backend="openvino", threads=threads, dtype=dtype,
                                 properties={"PERF_COUNT": True} if profile else None)
     else:
         return plain_engine(engine, workdir, threads)
@@ -198,6 +203,14 @@ def prepare(spec: dict) -> None:
     for engine in spec["engines"]:
         if engine == "onnx-fp32":
             export(checkpoint, workdir / engine, OnnxTarget(), verify=False, log=quiet)
+        elif engine == "onnx-int8":
+            export(checkpoint, workdir / engine, OnnxTarget(precision="int8", min_int8_speedup=0), verify=False,
+                   log=quiet)
+        elif engine in ("openvino-int8", "openvino-int8-full") or (
+                engine == "openvino-int8-f32" and "openvino-int8" not in spec["engines"]):
+            quantization = "full" if engine.endswith("full") else "weights"
+            export(checkpoint, workdir / engine.replace("-f32", ""), OpenVINOTarget(
+                precision="int8", quantization=quantization, min_int8_speedup=0), verify=False, log=quiet)
         elif engine.startswith("openvino"):
             export(checkpoint, workdir / engine, OpenVINOTarget(precision=engine.split("-")[1]), verify=False,
                    log=quiet)
@@ -266,7 +279,7 @@ def child(engine: str, folder: str, length: int) -> None:
     workdir = Path(folder)
     config = load_config(workdir / "checkpoint")
     ids, mask, spans = long_context.document(length, config.vocab_size, config)
-    profile = bool(os.environ.get("BENCH_PROFILE")) and (engine == "onnx-fp32" or engine.startswith("openvino"))
+    profile = bool(os.environ.get("BENCH_PROFILE")) and engine.startswith(("onnx", "openvino"))
     encoder, forward = load_engine(engine, workdir, int(os.environ["BENCH_THREADS"]), profile)
     start = time.perf_counter()
     vectors = forward(ids, mask, spans)
@@ -275,7 +288,7 @@ def child(engine: str, folder: str, length: int) -> None:
     result = {"seconds": seconds, "finite": bool(np.isfinite(vectors).all())}
     if profile:
         backend = encoder.backend
-        per_op = (ort_op_seconds(backend.session) if engine == "onnx-fp32" else openvino_op_seconds(backend._request()))
+        per_op = (ort_op_seconds(backend.session) if engine.startswith("onnx") else openvino_op_seconds(backend._request()))
         result["profile"] = dict(per_op.most_common(PROFILE_ROWS))
         result["profile_total"] = sum(per_op.values())
     print(json.dumps(result))
@@ -309,16 +322,41 @@ def in_child(mode: str, spec: dict) -> str:
                           text=True).stdout
 
 
+def same_engine_fp32(engine: str) -> str | None:
+    """The fp32 engine an int8 engine is compared with: the same runtime's."""
+    return f"{engine.split('-')[0]}-fp32" if engine in INT8 else None
+
+
 def add_ratios(rows: list[dict]) -> None:
     for row in rows:
         if "seconds" in row:
             row["tokens_per_s"] = row["tokens"] / row["seconds"]
+
+    def speed(row, engine):
+        base = next((r for r in rows if r["model"] == row["model"] and r["workload"] == row["workload"]
+                     and r["engine"] == engine and "tokens_per_s" in r), None)
+        return base["tokens_per_s"] if base else None
+
     for row in rows:
-        for peer in PEERS:
-            base = next((r for r in rows if r["model"] == row["model"] and r["workload"] == row["workload"]
-                         and r["engine"] == peer and "tokens_per_s" in r), None)
-            if base and "tokens_per_s" in row:
-                row[f"vs_{peer}"] = row["tokens_per_s"] / base["tokens_per_s"]
+        if "tokens_per_s" not in row:
+            continue
+        for peer in PEERS + ("fp32",):
+            engine = same_engine_fp32(row["engine"]) if peer == "fp32" else peer
+            if engine and speed(row, engine):
+                row[f"vs_{peer}"] = row["tokens_per_s"] / speed(row, engine)
+
+
+def best_ratios(rows: list[dict]) -> list[str]:
+    """Per model and workload: the fastest int8 engine against the fastest bf16 one."""
+    lines = []
+    for key in dict.fromkeys((r["model"], r["workload"]) for r in rows):
+        timed = [r for r in rows if (r["model"], r["workload"]) == key and "tokens_per_s" in r]
+        int8 = max((r for r in timed if r["engine"] in INT8), key=lambda r: r["tokens_per_s"], default=None)
+        bf16 = max((r for r in timed if r["engine"].endswith("bf16")), key=lambda r: r["tokens_per_s"], default=None)
+        if int8 and bf16:
+            lines.append(f"{key[0]}, {key[1]}: best int8 {int8['engine']} / best bf16 {bf16['engine']} = "
+                         f"{int8['tokens_per_s'] / bf16['tokens_per_s']:.2f}x")
+    return lines
 
 
 def format_row(row: dict) -> str:
@@ -329,7 +367,7 @@ def format_row(row: dict) -> str:
     tail = row.get("error", "")
     return (f"| {row['model']} | {row['workload']} | {row['engine']} | {row['tokens']} | {cell('seconds', '.3f')} | "
             f"{cell('tokens_per_s', '.0f')} | {cell('vs_plain-fp32', '.2f')} | {cell('vs_plain-ov-bf16', '.2f')} | "
-            f"{cell('min_cos', '.5f')} | {rss} | {tail} |")
+            f"{cell('vs_fp32', '.2f')} | {cell('min_cos', '.5f')} | {rss} | {tail} |")
 
 
 def main() -> None:
@@ -343,7 +381,7 @@ def main() -> None:
                         help="comma list of short, tiny-batch, long (every --lengths) and document lengths")
     parser.add_argument("--lengths", nargs="+", type=int, default=[8192, 32768], help="tokens of the long documents")
     parser.add_argument("--engines", default=",".join(PEERS + DEWEY), help=f"comma list of {', '.join(PEERS + DEWEY)}")
-    parser.add_argument("--int8", action="store_true", help=f"add {INT8} (needs nncf)")
+    parser.add_argument("--int8", action="store_true", help=f"add {', '.join(INT8)} (OpenVINO's need nncf)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32, help="texts per batch (Encoder's default)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -368,8 +406,8 @@ def main() -> None:
     if args.short:
         return run_short(json.loads(args.short))
 
-    known = PEERS + DEWEY + (INT8,)
-    engines = args.engines.split(",") + ([INT8] if args.int8 else [])
+    known = PEERS + DEWEY + INT8
+    engines = args.engines.split(",") + (list(INT8) if args.int8 else [])
     unknown = [e for e in engines if e not in known]
     workloads = args.workloads.split(",")
     bad = [w for w in workloads if w not in SHORT and w != "long" and not w.isdigit()]
@@ -380,11 +418,16 @@ def main() -> None:
     lengths = [int(w) for w in workloads if w.isdigit()] + (args.lengths if "long" in workloads else [])
     models = [args.model.name] if args.model else args.shapes
 
+    from runtimes.cpu_features import describe_cpu
+
+    cpu = describe_cpu()
+    print(f"CPU: {cpu['name']} ({cpu['machine']}); features: {', '.join(cpu['features']) or 'unknown'}; int8 dot "
+          f"products: {cpu['int8_dot_products']}; native bf16: {cpu['bf16']}")
     print(f"{args.threads} threads; short workloads: median of {args.repeats} after a warm-up; long documents: "
           "one run each in a fresh process\n")
-    print("| model | workload | engine | tokens | seconds | tokens/s | vs plain fp32 | vs plain OV bf16 | min cos | "
-          "peak RSS GiB | note |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("| model | workload | engine | tokens | seconds | tokens/s | vs plain fp32 | vs plain OV bf16 | "
+          "int8 vs same engine fp32 | min cos | peak RSS GiB | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     for model in models:
         with tempfile.TemporaryDirectory() as tmp:
@@ -402,6 +445,8 @@ def main() -> None:
             rows += model_rows
             for row in model_rows:
                 print(format_row(row), flush=True)
+    if ratios := best_ratios(rows):
+        print("\n" + "\n".join(ratios))
     for row in rows:
         if "profile" in row:
             total = row["profile_total"]

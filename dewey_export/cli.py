@@ -1,14 +1,14 @@
 """``dewey-export``: export a Dewey checkpoint for a target, package an export for Triton, re-check an export.
 
-    dewey-export onnx     --model CKPT --out DIR [--device cpu|gpu] [--precision fp32|fp16|bf16]
-    dewey-export openvino --model CKPT --out DIR [--precision fp32|bf16|int8]
+    dewey-export onnx     --model CKPT --out DIR [--device cpu|gpu] [--precision fp32|fp16|bf16|int8]
+    dewey-export openvino --model CKPT --out DIR [--precision fp32|bf16|int8] [--quantization weights|full]
     dewey-export trt      --model CKPT --out DIR [--precision fp32|fp16|bf16] [--buckets ...]
     dewey-export triton   EXPORT_DIR --out REPO [--engine onnx|trt]
     dewey-export verify   EXPORT_DIR [--model CKPT]
 
 Exit codes (runtimes.errors): 0 ok; 1 verification failed (parity, the quality gate of a
-reduced-precision export, export files that differ from their manifest, or a Triton source whose
-reports failed); 2 bad usage or input (missing or corrupt model folder or manifest, an output path that
+reduced-precision export, an int8 export whose quantized operators do not run or that is not faster
+than fp32, export files that differ from their manifest, or a Triton source whose reports failed); 2 bad usage or input (missing or corrupt model folder or manifest, an output path that
 exists and may not be replaced, or cannot be written, a runtime that is not installed, a build step
 that failed). ``--to X`` (the one-command form of earlier releases) still works for one release, with a
 deprecation note.
@@ -24,6 +24,7 @@ import click
 from runtimes.errors import EXIT_BAD_INPUT, EXIT_VERIFICATION_FAILED, VerificationFailed, cli_errors
 from runtimes.precision import PRECISIONS
 
+from .quantize import MIN_INT8_SPEEDUP
 from .triton import INT32_MAX
 from .trt_build import TensorRTTarget
 from .verify import INT8_WEIGHTS
@@ -121,11 +122,21 @@ def _export(target, model, head, out, overwrite, verify, gate_data) -> None:
 
 def _report_failures(reports: dict) -> None:
     from .gate import describe_gate_failure
+    from .quantize import describe_execution_failure
     from .verify import describe_failure
 
     for name, report in reports.items():
         if report.get("passed") is False:
-            _log(describe_gate_failure(report) if name.endswith("gate") else describe_failure(report))
+            _log(describe_gate_failure(report) if name.endswith("gate") else describe_execution_failure(report)
+                 if name == "int8" else describe_failure(report))
+
+
+def int8_speed_option(command):
+    return click.option(
+        "--min-int8-speedup", type=click.FloatRange(min=0), default=MIN_INT8_SPEEDUP, show_default=True,
+        help="int8 only: the speed the int8 graph must reach against the same engine in fp32 on this machine "
+             "(a short batch); slower exits 1. 0 skips the measurement (the check that the quantized "
+             "operators run still holds).")(command)
 
 
 @main.command("onnx")
@@ -140,14 +151,18 @@ def _report_failures(reports: dict) -> None:
 @click.option("--attention", type=click.Choice(["linear", "dense"]), default="linear", show_default=True,
               help="linear: block-local sliding layers and mask-free global layers, memory linear in "
                    "length (128k tokens). dense: transformers' graph with S x S masks, for comparison only.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice([*PRECISIONS, INT8_WEIGHTS]), default="fp32", show_default=True,
               help="Element type of the graph. fp16/bf16 keep LayerNorm, softmax, rotary tables and pooling "
-                   "in fp32 inside the graph.")
-def onnx_command(model, head, out, overwrite, verify, gate_data, device, opset, attention, precision):
+                   "in fp32 inside the graph. int8 (cpu): ONNX Runtime dynamic int8 of the weight MatMuls, "
+                   "int8 weights per channel, the rest fp32 (docs/export.md).")
+@int8_speed_option
+def onnx_command(model, head, out, overwrite, verify, gate_data, device, opset, attention, precision,
+                 min_int8_speedup):
     """An ONNX export folder (model.onnx, config, tokenizer, manifest)."""
     from .onnx_export import OnnxTarget
 
-    target = OnnxTarget(form=device, opset=int(opset) if opset else None, attention=attention, precision=precision)
+    target = OnnxTarget(form=device, opset=int(opset) if opset else None, attention=attention, precision=precision,
+                        min_int8_speedup=min_int8_speedup)
     _export(target, model, head, out, overwrite, verify, gate_data)
 
 

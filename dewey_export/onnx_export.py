@@ -10,15 +10,17 @@ targets reuse ``trace_graph`` for their own graph forms.
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from runtimes.errors import ExportError
-from runtimes.export_format import INPUTS, ONNX_FILE, OUTPUTS, ExportManifest, graph_description
+from runtimes.export_format import INPUTS, INT8, ONNX_FILE, OUTPUTS, ExportManifest, graph_description
 from runtimes.precision import precision_name
 
 from .pipeline import Built, CannotVerifyHere
+from .quantize import MIN_INT8_SPEEDUP
 
 SUPPORTED_OPSETS = (18, 23)
 # The graph forms, by where the graph will run. The form decides global attention (runtimes.attention):
@@ -55,12 +57,14 @@ class OnnxTarget:
     23); opset: 18 or 23 (None: the form's); attention: ``linear`` (memory linear in length) or ``dense``
     (transformers' graph with S x S masks, for comparison only); precision: fp32, or fp16/bf16 with
     LayerNorm, softmax, rotary tables and pooling kept float32 inside the graph (what strongly typed
-    TensorRT builds from)."""
+    TensorRT builds from), or int8 (cpu form: ONNX Runtime dynamic int8, dewey_export.quantize, refused
+    unless its quantized operators run and it is ``min_int8_speedup`` times as fast as fp32 here)."""
 
     form: str = "cpu"
     opset: int | None = None
     attention: str = "linear"
     precision: str = "fp32"
+    min_int8_speedup: float = MIN_INT8_SPEEDUP
 
     name = "onnx"
     reports = ("parity", "gate")
@@ -80,6 +84,13 @@ class OnnxTarget:
             raise ExportError("a gpu graph needs opset 23: its global layers use the ONNX Attention op")
         if self.attention not in ATTENTION_MODES:
             raise ExportError(f"attention must be 'linear' or 'dense', got {self.attention!r}")
+        if self.precision == INT8:
+            if self.form != "cpu":
+                raise ExportError("--precision int8 is for ONNX Runtime on CPUs (--device cpu); a GPU graph "
+                                  "runs fp16 or bf16")
+            if not self.min_int8_speedup >= 0:
+                raise ExportError(f"--min-int8-speedup must be 0 or more, got {self.min_int8_speedup}")
+            return replace(self, opset=opset)
         try:
             precision = precision_name(self.precision)
         except ValueError as exc:
@@ -87,17 +98,47 @@ class OnnxTarget:
         return replace(self, opset=opset, precision=precision)
 
     def build(self, reference, checkpoint: Path, folder: Path, log) -> Built:
+        if self.precision == INT8:
+            return self._build_int8(reference, folder, log)
         traced, seconds = trace_graph(reference, self, folder / ONNX_FILE, log)
         return Built("onnx", graph_description(opset=self.opset, file=ONNX_FILE), self.precision, self.form,
                      attention_description(self, traced.pooling), seconds)
 
+    def _build_int8(self, reference, folder: Path, log) -> Built:
+        """The fp32 graph traced beside the folder, quantized into it, and the execution check of the
+        two (dewey_export.quantize): the graph's arithmetic stays fp32 outside the int8 MatMuls."""
+        from .quantize import execution_report, measure_speedup, ort_executed, quantize_onnx_dynamic, speed_batch
+
+        float_graph = replace(self, precision="fp32")
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            fp32_path = Path(tmp) / ONNX_FILE
+            traced, seconds = trace_graph(reference, float_graph, fp32_path, log)
+            quantization = quantize_onnx_dynamic(fp32_path, folder / ONNX_FILE, log)
+            log("Checking that the int8 graph runs in int8, and faster than fp32 on this machine")
+            executed = ort_executed(folder / ONNX_FILE, quantization["quantized_matmuls"],
+                                    len(quantization["float_weight_matmuls"]))
+            speed = None
+            if self.min_int8_speedup > 0:
+                from runtimes.backends.onnx_backend import OnnxBackend
+
+                speed = measure_speedup(OnnxBackend(fp32_path), OnnxBackend(folder / ONNX_FILE),
+                                        speed_batch(reference.config))
+            report = execution_report(executed, speed, self.min_int8_speedup)
+        speed_note = f", {speed['speedup']:.2f}x fp32" if speed else ""
+        log(f"  {executed['quantized_nodes']} quantized MatMul nodes run{speed_note}: "
+            f"{'passed' if report['passed'] else 'FAILED'}")
+        description = graph_description(opset=self.opset, file=ONNX_FILE, weights=INT8, quantization=quantization)
+        return Built("onnx", description, "fp32", self.form, attention_description(float_graph, traced.pooling),
+                     seconds, reports={"int8": report})
+
     def candidate(self, folder: Path, manifest: ExportManifest, device=None):
-        """ONNX Runtime on ``device`` (cpu, cuda[:N], tensorrt[:N]) running the folder's graph."""
+        """ONNX Runtime on ``device`` (cpu, cuda[:N], tensorrt[:N]) running the folder's graph, checked at
+        the manifest's ``checked_precision`` (int8's limits for an int8 graph)."""
         from runtimes.backends.onnx_backend import OnnxBackend, providers_for
 
         if manifest.precision == "bf16" and (device or "cpu") == "cpu":
             raise CannotVerifyHere(NO_CPU_BF16)
-        return OnnxBackend(folder / ONNX_FILE, providers=providers_for(device)), manifest.precision
+        return OnnxBackend(folder / ONNX_FILE, providers=providers_for(device)), manifest.checked_precision
 
 
 def graph_model(model, options: OnnxTarget):

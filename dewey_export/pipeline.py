@@ -197,7 +197,9 @@ def export(source, out, target: Target, *, verify: bool = True, gate_data=None, 
         built = target.build(reference, checkpoint, staging, log)
         copy_model_files(model, staging)
         parity_key, gate_key = target.reports
-        pending = {parity_key: skipped_report(built.precision), gate_key: skipped_gate(), **built.reports}
+        manifest = _manifest(model, staging, built, {})
+        checked = manifest.checked_precision
+        pending = {parity_key: skipped_report(checked), gate_key: skipped_gate(True, checked), **built.reports}
         manifest = _manifest(model, staging, built, pending)
         manifest.write(staging)  # the candidate reads the folder as a loader would
         if verify:
@@ -223,7 +225,8 @@ def check_candidate(target: Target, reference, folder: Path, manifest: ExportMan
         if strict:
             raise
         log(f"Not verified: {exc}")
-        return {parity_key: skipped_report(manifest.precision, str(exc)), gate_key: skipped_gate(str(exc))}
+        checked = manifest.checked_precision
+        return {parity_key: skipped_report(checked, str(exc)), gate_key: skipped_gate(str(exc), checked)}
     log(f"Checking {candidate!r}")
     parity, gate = verify_candidate(reference, candidate, tokenizer_folder, config, precision, precision != "fp32",
                                     gate_data, log)

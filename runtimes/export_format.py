@@ -151,8 +151,11 @@ def contract_tensors() -> dict:
 
 
 # The manifest's verification reports, each ``{"passed": bool, ...}`` or ``{"skipped": reason, ...}``:
-# the graph's parity and quality gate, and for a TensorRT folder the engine's.
-REPORTS = ("parity", "gate", "tensorrt_parity", "tensorrt_gate")
+# the graph's parity and quality gate, an int8 graph's execution check (its quantized operators run, and
+# faster than fp32), and for a TensorRT folder the engine's.
+REPORTS = ("parity", "gate", "int8", "tensorrt_parity", "tensorrt_gate")
+# A graph description's ``weights`` of an int8 export (ONNX dynamic int8, OpenVINO int8).
+INT8 = "int8"
 # The manifest's top-level keys besides the graph's and the reports, in the order they are written.
 _FIELDS = ("format", "source", "files", "precision", "target", "attention", "export_seconds", "tools")
 
@@ -186,6 +189,16 @@ class ExportManifest:
         if self.graph_key == OPENVINO_KEY:
             return "openvino"
         return "tensorrt" if "tensorrt_parity" in self.reports else "onnx"
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the graph holds int8 weights (``precision`` then names its float arithmetic)."""
+        return self.graph.get("weights") == INT8
+
+    @property
+    def checked_precision(self) -> str:
+        """The precision whose limits the checks apply: ``int8`` for a quantized graph, else ``precision``."""
+        return INT8 if self.quantized else self.precision
 
     @property
     def failed(self) -> list[str]:

@@ -175,6 +175,10 @@ class OnnxBackend:
                 f"dewey-export onnx --model {folder} --out EXPORT_DIR"
             )
         manifest = read_manifest(folder)
+        if manifest.quantized:
+            from ..cpu_features import warn_int8_once
+
+            warn_int8_once("int8 ONNX export")
         if dtype is not None and precision_name(dtype) != manifest.precision:
             raise ValueError(
                 f"{folder} holds a graph of precision {manifest.precision}; the onnx backend runs the "

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelFileError
-from ..export_format import OPENVINO_XML_FILE, check_graph_io, read_manifest
+from ..export_format import INT8, OPENVINO_XML_FILE, check_graph_io, read_manifest
 from ..precision import precision_name
 from . import contract_inputs
 from .onnx_backend import available_cpus
 
 # Weight-only int8, as dewey-export openvino --precision int8 writes it.
-INT8_WEIGHTS = "int8"
+INT8_WEIGHTS = INT8
 # The CPU plugin's OPTIMIZATION_CAPABILITIES entry for native bfloat16 arithmetic.
 BF16_CAPABILITY = "BF16"
 # The CPU plugin's INFERENCE_PRECISION_HINT for each precision this backend runs.
@@ -117,6 +117,10 @@ class OpenVINOBackend:
             )
         import openvino as ov
 
+        if manifest.graph.get("activations") == INT8:
+            from ..cpu_features import warn_int8_once
+
+            warn_int8_once("int8 OpenVINO export (int8 activations)")
         precision = inference_precision(dtype, cpu_has_bf16(ov.Core()), exported=manifest.precision)
         backend = cls(folder / OPENVINO_XML_FILE, precision=precision, threads=threads, **options)
         if backend.weights != manifest.graph.get("weights"):
