@@ -169,13 +169,18 @@ def onnx_command(model, head, out, overwrite, verify, gate_data, device, opset, 
 @main.command("openvino")
 @export_options
 @click.option("--precision", type=click.Choice(["fp32", "bf16", INT8_WEIGHTS]), default=None,
-              help="fp32, bf16 (the default where the CPU has native bfloat16) or int8 (int8 weights, bf16 "
-                   "arithmetic).")
-def openvino_command(model, head, out, overwrite, verify, gate_data, precision):
+              help="fp32, bf16 (the default where the CPU has native bfloat16) or int8 (see --quantization; the "
+                   "float arithmetic is bf16 where the CPU has it, else fp32).")
+@click.option("--quantization", type=click.Choice(["weights", "full"]), default=None,
+              help="int8 only. weights (default): int8 weights, float arithmetic. full: int8 activations too "
+                   "(nncf, calibrated on real text; refused where OpenVINO has no int8 kernels for the CPU).")
+@int8_speed_option
+def openvino_command(model, head, out, overwrite, verify, gate_data, precision, quantization, min_int8_speedup):
     """An OpenVINO IR folder (model.xml, model.bin, config, tokenizer, manifest) for OpenVINO's CPU plugin."""
     from .openvino_export import OpenVINOTarget
 
-    _export(OpenVINOTarget(precision=precision), model, head, out, overwrite, verify, gate_data)
+    target = OpenVINOTarget(precision=precision, quantization=quantization, min_int8_speedup=min_int8_speedup)
+    _export(target, model, head, out, overwrite, verify, gate_data)
 
 
 @main.command("trt")

@@ -30,9 +30,13 @@ Without the marks bf16 fails the quality gate on dewey-mini; with them it passes
 of bf16's speed (docs/benchmarks.md).
 
 Global attention runs in the plugin's fused attention kernel, on bf16 inputs, as PyTorch's bf16 SDPA
-does. ``int8``: weight-only int8 (``nncf.compress_weights``, asymmetric, per output channel) with the
-rest bf16 (fp32 without bfloat16). Every reduced-precision export must pass the quality gate
-(dewey_export.gate) besides parity.
+does. ``int8`` (``--quantization weights``, the default): weight-only int8 (``nncf.compress_weights``,
+asymmetric, per output channel) with the rest bf16 (fp32 without bfloat16). ``--quantization full``:
+int8 activations too (``nncf.quantize``, dewey_export.quantize.quantize_openvino_full), calibrated on
+real text of several lengths. Every int8 export is checked to run what it claims on this machine, and
+to be faster than the fp32 IR at the same arithmetic (dewey_export.quantize, the ``int8`` report); full
+int8 is refused before anything is built where OpenVINO reports no int8 capability for the CPU. Every
+reduced-precision export must pass the quality gate (dewey_export.gate) besides parity.
 """
 
 from __future__ import annotations
@@ -56,10 +60,13 @@ from runtimes.export_format import (
 
 from .onnx_export import OnnxTarget, attention_description, trace_graph
 from .pipeline import Built
+from .quantize import INT8_CAPABILITY, MIN_INT8_SPEEDUP
 from .verify import INT8_WEIGHTS
 
 # What --precision takes for OpenVINO: the arithmetic (fp32, bf16), or int8 weights with bf16 arithmetic.
 OPENVINO_PRECISIONS = ("fp32", "bf16", INT8_WEIGHTS)
+# --quantization, for int8: weight-only, or int8 activations too.
+QUANTIZATIONS = ("weights", "full")
 # What to install for each package an export needs: the runtime's extra, and nncf (int8 only) apart,
 # so that serving installs neither nncf nor its scikit-learn and scipy.
 INSTALL = {"openvino": "pip install 'dewey[openvino]'", "nncf": "pip install 'dewey[openvino-int8]'"}
@@ -100,10 +107,14 @@ def plan_precision(precision: str | None, has_bf16: bool) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class OpenVINOTarget:
-    """precision: ``fp32``, ``bf16`` or ``int8`` (int8 weights; see the module's notes); None picks bf16
-    where the CPU has it. ``check`` fills in ``arithmetic`` and ``weights``."""
+    """precision: ``fp32``, ``bf16`` or ``int8`` (see the module's notes); None picks bf16 where the CPU
+    has it. quantization (int8 only): ``weights`` (the default) or ``full``. min_int8_speedup: the speed
+    an int8 IR must reach against the fp32 IR here (0: not measured). ``check`` fills in ``arithmetic``
+    and ``weights``."""
 
     precision: str | None = None
+    quantization: str | None = None
+    min_int8_speedup: float = MIN_INT8_SPEEDUP
     arithmetic: str | None = None
     weights: str | None = None
 
@@ -111,22 +122,77 @@ class OpenVINOTarget:
     reports = ("parity", "gate")
 
     def check(self, config=None, log=None) -> "OpenVINOTarget":
+        if self.quantization is not None and self.precision != INT8_WEIGHTS:
+            raise ExportError("--quantization applies to --precision int8 only")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise ExportError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if not self.min_int8_speedup >= 0:
+            raise ExportError(f"--min-int8-speedup must be 0 or more, got {self.min_int8_speedup}")
         require_openvino(self.precision)
         import openvino as ov
 
         from runtimes.backends.openvino_backend import cpu_has_bf16
 
-        arithmetic, weights = plan_precision(self.precision, cpu_has_bf16(ov.Core()))
-        return replace(self, arithmetic=arithmetic, weights=weights)
+        core = ov.Core()
+        arithmetic, weights = plan_precision(self.precision, cpu_has_bf16(core))
+        quantization = (self.quantization or "weights") if weights == INT8_WEIGHTS else None
+        if quantization == "full":
+            capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+            if INT8_CAPABILITY not in capabilities:
+                raise ExportError(
+                    f"--quantization full needs int8 kernels, and OpenVINO reports none for this CPU (its "
+                    f"capabilities: {', '.join(capabilities)}): it would run the int8 IR in float; export "
+                    "--quantization weights, fp32 or bf16 instead")
+        return replace(self, arithmetic=arithmetic, weights=weights, quantization=quantization)
 
     def build(self, reference, checkpoint: Path, folder: Path, log) -> Built:
+        calibration = None
+        if self.quantization == "full":
+            from runtimes.model_source import resolve_model
+
+            from .quantize import calibration_inputs
+
+            calibration = calibration_inputs(resolve_model(checkpoint))
+        reports = {}
         with tempfile.TemporaryDirectory(dir=folder) as onnx_folder:  # the IR replaces the ONNX graph
             onnx_path = Path(onnx_folder) / ONNX_FILE
             traced, seconds = trace_graph(reference, SOURCE_GRAPH, onnx_path, log)
-            description = convert(onnx_path, folder, self.weights, SOURCE_GRAPH.opset, log)
-        log(f"  {self.arithmetic} arithmetic, {self.weights} weights")
+            description = convert(onnx_path, folder, self.weights, SOURCE_GRAPH.opset, log, self.quantization,
+                                  calibration)
+            if self.weights == INT8_WEIGHTS:
+                fp32_folder = Path(onnx_folder) / "fp32"
+                fp32_folder.mkdir()
+                convert(onnx_path, fp32_folder, "fp32", SOURCE_GRAPH.opset, lambda message: None)
+                reports["int8"] = self._execution_check(fp32_folder, folder, reference.config, log)
+        log(f"  {self.arithmetic} arithmetic, {self.weights} weights"
+            + (f", int8 activations" if self.quantization == "full" else ""))
         return Built(OPENVINO_KEY, description, self.arithmetic, SOURCE_GRAPH.form,
-                     attention_description(SOURCE_GRAPH, traced.pooling), seconds)
+                     attention_description(SOURCE_GRAPH, traced.pooling), seconds, reports=reports)
+
+    def _execution_check(self, fp32_folder: Path, folder: Path, config, log) -> dict:
+        """The int8 report (dewey_export.quantize): what the CPU plugin runs of the int8 IR, and its speed
+        against the fp32 IR compiled at the same arithmetic."""
+        import openvino as ov
+
+        from runtimes.backends.openvino_backend import OpenVINOBackend
+
+        from .quantize import execution_report, float_tail_scope, measure_speedup, openvino_executed, speed_batch
+
+        log("Checking that the int8 IR runs in int8, and faster than the fp32 IR on this machine")
+        int8 = OpenVINOBackend(folder / OPENVINO_XML_FILE, precision=self.arithmetic)
+        tail = set(float_tail_scope(ov.Core().read_model(str(fp32_folder / OPENVINO_XML_FILE))))
+        executed = openvino_executed(int8.compiled, tail, self.quantization)
+        speed = None
+        if self.min_int8_speedup > 0:
+            fp32 = OpenVINOBackend(fp32_folder / OPENVINO_XML_FILE, precision=self.arithmetic)
+            speed = measure_speedup(fp32, int8, speed_batch(config))
+            speed["arithmetic"] = self.arithmetic
+        report = execution_report(executed, speed, self.min_int8_speedup)
+        speed_note = f", {speed['speedup']:.2f}x the fp32 IR ({self.arithmetic} arithmetic)" if speed else ""
+        log(f"  {executed['quantized_nodes']} of {executed['expected_quantized_nodes']} weight layers run "
+            f"{'int8 kernels' if self.quantization == 'full' else 'int8 weights'}{speed_note}: "
+            f"{'passed' if report['passed'] else 'FAILED'}")
+        return report
 
     def candidate(self, folder: Path, manifest: ExportManifest, device=None):
         """OpenVINO's CPU plugin running the IR at the export's precision (fp32 on a CPU without
@@ -137,18 +203,28 @@ class OpenVINOTarget:
         return backend, INT8_WEIGHTS if backend.weights == INT8_WEIGHTS else backend.precision
 
 
-def convert(onnx_path: Path, folder: Path, weights: str, opset: int, log) -> dict:
+def convert(onnx_path: Path, folder: Path, weights: str, opset: int, log, quantization: str | None = None,
+            calibration: list | None = None) -> dict:
     """``onnx_path`` (of ``opset``) -> ``model.xml`` and ``model.bin`` in ``folder``, int8 weights if
-    asked, the fp32 nodes marked; returns the manifest's description of the IR."""
+    asked (``quantization`` full: int8 activations too, calibrated on ``calibration``), the fp32 nodes
+    marked; returns the manifest's description of the IR."""
     import openvino as ov
 
-    log(f"Converting to OpenVINO IR ({weights} weights)")
+    log(f"Converting to OpenVINO IR ({weights} weights{', int8 activations' if quantization == 'full' else ''})")
     model = ov.convert_model(str(onnx_path))
-    if weights == INT8_WEIGHTS:
+    details = {}
+    if quantization == "full":
+        from .quantize import quantize_openvino_full
+
+        log(f"  calibrating int8 activations on {len(calibration)} rows of real text")
+        model, details = quantize_openvino_full(model, calibration)
+        details = {"activations": INT8_WEIGHTS, "quantization": details}
+    elif weights == INT8_WEIGHTS:
         import nncf
 
         logging.getLogger("nncf").setLevel(logging.WARNING)  # not its table of layers per bit width
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        details = {"activations": "float"}
     kept = keep_fp32(model)
     xml_path = folder / OPENVINO_XML_FILE
     # compress_to_fp16=False: the IR keeps the fp32 weights exactly (fp16 storage would round them).
@@ -157,7 +233,7 @@ def convert(onnx_path: Path, folder: Path, weights: str, opset: int, log) -> dic
     log("  fp32 under bf16: " + ", ".join(f"{len(names)} {kind} nodes" for kind, names in kept.items()))
     return graph_description([OPENVINO_XML_FILE, OPENVINO_BIN_FILE],
                              converted_from=f"ONNX opset {opset} (standard ops), openvino.convert_model",
-                             weights=weights, fp32_nodes={kind: len(names) for kind, names in kept.items()})
+                             weights=weights, **details, fp32_nodes={kind: len(names) for kind, names in kept.items()})
 
 
 def _consumers(node) -> list:

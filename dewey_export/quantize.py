@@ -198,7 +198,135 @@ def describe_execution_failure(report: dict) -> str:
                          f"{executed['expected_float_weight_matmuls']} were kept on purpose ({names})")
         else:
             speed = report["speed"]
-            lines.append(f"int8 is {speed['speedup']:.2f}x the speed of fp32 on this machine ({speed['int8_seconds']:.3f} s "
+            arithmetic = f" ({speed['arithmetic']} arithmetic)" if "arithmetic" in speed else ""
+            lines.append(f"int8 is {speed['speedup']:.2f}x the speed of fp32{arithmetic} on this machine "
+                         f"({speed['int8_seconds']:.3f} s "
                          f"vs {speed['fp32_seconds']:.3f} s on a batch of {speed['batch'][0]} x {speed['batch'][1]} "
                          f"tokens); the floor is {report['min_speedup']}x (--min-int8-speedup)")
     return "int8 execution check failed:\n  " + "\n  ".join(lines)
+
+
+# -- OpenVINO ----------------------------------------------------------------------------------------
+
+# The calibration texts of OpenVINO's full int8: (tokens per row, rows), real text of the built-in
+# corpus's training split at several lengths.
+CALIBRATION_ROWS = ((32, 24), (512, 16), (2048, 8))
+# SmoothQuant's alpha for the MatMuls (nncf's transformer preset); see docs/export.md for the choice.
+SMOOTH_QUANT_ALPHA = 0.95
+# The CPU plugin's compiled node types that multiply by a weight (FullyConnected) or by an activation.
+OV_WEIGHT_LAYERS = ("FullyConnected",)
+OV_INT8_TYPES = ("u8", "i8")
+# OPTIMIZATION_CAPABILITIES' entry of a CPU plugin that runs int8 kernels.
+INT8_CAPABILITY = "INT8"
+
+
+def _ov_consumers(node) -> list:
+    return [target.get_node() for output in node.outputs() for target in output.get_target_inputs()]
+
+
+def float_tail_scope(model) -> list[str]:
+    """Friendly names of an OpenVINO model's nodes that full int8 keeps in float: the token-embedding
+    Gather (data from a 2-d float constant, the vocabulary table), the final LayerNorm (the last MVN in
+    topological order) and every node computed from it (its scale, span pooling, the head)."""
+    names, last_mvn = [], None
+    for node in model.get_ordered_ops():
+        kind = node.get_type_name()
+        if kind == "Gather":
+            data = node.input_value(0)
+            if data.get_node().get_type_name() == "Constant" and data.get_element_type().is_real() \
+                    and data.get_partial_shape().rank.get_length() == 2:
+                names.append(node.get_friendly_name())
+        elif kind == "MVN":
+            last_mvn = node
+    if last_mvn is None:
+        raise ExportError("the OpenVINO graph has no LayerNorm (MVN) node: not a ModernBERT graph")
+    names.append(last_mvn.get_friendly_name())
+    stack, seen = [last_mvn], set()
+    while stack:
+        for consumer in _ov_consumers(stack.pop()):
+            name = consumer.get_friendly_name()
+            if name not in seen and consumer.get_type_name() != "Result":
+                seen.add(name)
+                names.append(name)
+                stack.append(consumer)
+    return names
+
+
+def calibration_inputs(source, rows=CALIBRATION_ROWS, seed: int = 0) -> list[dict]:
+    """Backend-contract inputs (batch 1) of real text for calibration: for each (tokens, count), ``count``
+    documents of the built-in corpus's training split with at least 3/4 of ``tokens`` tokens, cut to
+    ``tokens`` as the Encoder makes rows (prompts, [CLS] .. [SEP]), one span over the text."""
+    import warnings
+
+    from runtimes import Encoder
+    from runtimes.corpus import DEFAULT_HELDOUT_FRACTION, STDLIB, split_documents
+    from runtimes.tokenization import DeweyTokenizer
+
+    encoder = Encoder(source.config, DeweyTokenizer.from_folder(source.tokenizer_folder, source.config), None)
+    train, _ = split_documents([STDLIB], DEFAULT_HELDOUT_FRACTION)
+    rng = np.random.default_rng(seed)
+    inputs = []
+    for tokens, count in rows:
+        tokens = min(tokens, source.config.max_position_embeddings)
+        found = 0
+        for index in rng.permutation(len(train)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # cutting is the point here
+                plan = encoder.plan_encode([train[int(index)]], max_length=tokens)
+            if plan.lengths[0] < 0.75 * tokens:
+                continue
+            row = plan.row(0)
+            inputs.append({"input_ids": row[None].astype(np.int64), "attention_mask": np.ones((1, len(row)), np.int64),
+                           "span_bounds": plan.spans[0][None].astype(np.int64)})
+            found += 1
+            if found == count:
+                break
+    return inputs
+
+
+def quantize_openvino_full(model, calibration: list[dict], alpha: float = SMOOTH_QUANT_ALPHA):
+    """int8 activations and weights for the encoder's linear layers and activation products (nncf's
+    post-training quantization, transformer preset, SmoothQuant at ``alpha``), the embeddings, the final
+    LayerNorm and the output stage kept in float; returns the quantized model and its description."""
+    import logging
+
+    import nncf
+
+    logging.getLogger("nncf").setLevel(logging.WARNING)
+    kept = float_tail_scope(model)
+    quantized = nncf.quantize(
+        model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration),
+        ignored_scope=nncf.IgnoredScope(names=kept, validate=False),
+        advanced_parameters=nncf.AdvancedQuantizationParameters(
+            smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=alpha)),
+    )
+    return quantized, {"weights": "int8", "activations": "int8",
+                       "method": f"nncf.quantize (transformer preset, SmoothQuant alpha {alpha})",
+                       "calibration": [list(r) for r in CALIBRATION_ROWS], "float_nodes": len(kept)}
+
+
+def openvino_executed(compiled, float_tail: set[str], mode: str) -> dict:
+    """What OpenVINO's CPU plugin really runs: each compiled weight layer (FullyConnected) by the element
+    types of its inputs: int8 kernels (int8 activations, ``mode`` full), int8 weights in a float kernel
+    (``mode`` weights), or float. Expected: every weight layer quantized but those of ``float_tail``
+    (the friendly names kept in float on purpose)."""
+    quantized = floating = expected_float = total = 0
+    names = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        layer = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
+        if layer not in OV_WEIGHT_LAYERS:
+            continue
+        total += 1
+        types = [op.input(i).get_element_type().get_type_name() for i in range(op.get_input_size())]
+        int8 = types[0] in OV_INT8_TYPES if mode == "full" else len(types) > 1 and types[1] in OV_INT8_TYPES
+        in_tail = any(part in float_tail for part in op.get_friendly_name().split(","))
+        expected_float += in_tail
+        if int8:
+            quantized += 1
+        else:
+            floating += 1
+            names.append(op.get_friendly_name())
+    return {"quantized_nodes": quantized, "expected_quantized_nodes": total - expected_float,
+            "float_weight_matmuls": floating, "expected_float_weight_matmuls": expected_float,
+            "float_weight_matmul_names": names[:20], "int8_kernels": mode == "full"}

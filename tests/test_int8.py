@@ -208,3 +208,65 @@ def test_execution_report_rules():
     assert quantize.execution_report(dict(executed, quantized_nodes=19), fast, 1.2)["failed"] == ["quantized_nodes"]
     nan = dict(fast, speedup=float("nan"))
     assert quantize.execution_report(executed, nan, 1.2)["failed"] == ["speedup"]
+
+
+@pytest.fixture(scope="module")
+def mini_openvino_full(tmp_path_factory):
+    """dewey-mini's OpenVINO full int8 export (int8 activations and weights), verified; no speed floor."""
+    pytest.importorskip("openvino", reason="the openvino extra (openvino) is not installed")
+    pytest.importorskip("nncf", reason="nncf (the openvino-int8 extra) is not installed")
+    from dewey_export.openvino_export import OpenVINOTarget
+
+    out = tmp_path_factory.mktemp("ov-int8") / "mini-full"
+    target = OpenVINOTarget(precision="int8", quantization="full", min_int8_speedup=0)
+    return export(runtimes.default_model_path(), out, target, log=quiet)
+
+
+def test_openvino_full_int8_of_dewey_mini_runs_int8_kernels_and_passes(mini_openvino_full):
+    manifest = mini_openvino_full.manifest
+    assert mini_openvino_full.passed, manifest.failed
+    assert manifest.graph["weights"] == "int8" and manifest.graph["activations"] == "int8"
+    assert manifest.checked_precision == "int8" and manifest.reports["gate"]["thresholds"]["tier"] == "int8"
+    executed = manifest.reports["int8"]["executed"]
+    assert executed["int8_kernels"] and executed["quantized_nodes"] == executed["expected_quantized_nodes"] > 0
+    assert executed["float_weight_matmuls"] <= executed["expected_float_weight_matmuls"]
+
+
+def test_openvino_int8_answers_without_torch_deterministically(mini_openvino_full):
+    folder = mini_openvino_full.folder
+    here = runtimes.load(folder).encode(TEXTS)
+    assert np.array_equal(here, runtimes.load(folder).encode(TEXTS))
+    np.testing.assert_allclose(runtimes.load(folder, threads=1).encode(TEXTS), here, atol=1e-5)
+    result = run_without_torch(f"""
+        import json
+        import runtimes
+        vectors = runtimes.load({str(folder)!r}).encode({TEXTS!r})
+        print(json.dumps(vectors.tolist()))
+        """)
+    assert result.returncode == 0, result.stderr
+    assert np.array_equal(np.array(json.loads(result.stdout), dtype=np.float32), here)
+
+
+def test_full_int8_is_refused_where_openvino_has_no_int8_kernels(checkpoint, tmp_path, monkeypatch):
+    """Where the CPU plugin would run an int8 IR in float, the export says so and builds nothing."""
+    ov = pytest.importorskip("openvino", reason="the openvino extra (openvino) is not installed")
+    pytest.importorskip("nncf", reason="nncf (the openvino-int8 extra) is not installed")
+
+    class NoInt8Core(ov.Core):
+        def get_property(self, device, name, *args):
+            found = super().get_property(device, name, *args)
+            return [c for c in found if c != "INT8"] if name == "OPTIMIZATION_CAPABILITIES" else found
+
+    monkeypatch.setattr(ov, "Core", NoInt8Core)
+    out = tmp_path / "full"
+    result = CliRunner().invoke(main, ["openvino", "--model", str(checkpoint), "--out", str(out),
+                                       "--precision", "int8", "--quantization", "full"])
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "reports none for this CPU" in result.output and not out.exists()
+
+
+def test_quantization_needs_int8(checkpoint, tmp_path):
+    pytest.importorskip("openvino", reason="the openvino extra (openvino) is not installed")
+    result = CliRunner().invoke(main, ["openvino", "--model", str(checkpoint), "--out", str(tmp_path / "x"),
+                                       "--precision", "bf16", "--quantization", "full"])
+    assert result.exit_code == EXIT_BAD_INPUT and "--quantization applies to --precision int8" in result.output
