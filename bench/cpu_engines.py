@@ -10,9 +10,12 @@ padded rows give no NaN: ``nan_safe``); both run batches of ``--batch`` texts in
 input order padded to their longest row and mean-pool the text tokens. Dewey: ``torch-fp32``,
 ``torch-bf16``, ``onnx-fp32``, ``openvino-fp32``, ``openvino-bf16``, each through ``runtimes.load``;
 ``--int8`` adds the int8 engines: ``onnx-int8`` (ONNX Runtime dynamic int8), ``openvino-int8`` (int8
-weights, the CPU's best float arithmetic), ``openvino-int8-f32`` (int8 weights, fp32 arithmetic: a CPU
-without bf16) and ``openvino-int8-full`` (int8 activations too), exported without their speed floor
-(the table is the measurement). The first lines say which CPU ran and its int8 / bf16 features.
+weights, the CPU's best float arithmetic: bf16 where it has it), ``openvino-int8-full`` (int8
+activations too), and both with ``-f32`` (fp32 arithmetic, as on a CPU without bf16), exported without
+their speed floor (the table is the measurement). The column "int8 vs same engine fp32" compares each
+with the fp32 export on the same runtime at the same arithmetic (onnx-fp32; openvino-bf16, or
+openvino-fp32 for the -f32 rows and on CPUs without bf16). The first line says which CPU ran and its
+int8 / bf16 features.
 
 Workloads: ``short`` (8 texts of 288..512 tokens), ``tiny-batch`` (32 texts of 16..128 tokens), through
 ``encode`` (tokenization and pooling included; warm-up once, median of ``--repeats``), and ``long``: one
@@ -44,7 +47,7 @@ from throughput import openvino_op_seconds, ort_op_seconds, texts_of_exactly, ti
 
 PEERS = ("plain-fp32", "plain-ov-bf16")
 DEWEY = ("torch-fp32", "torch-bf16", "onnx-fp32", "openvino-fp32", "openvino-bf16")
-INT8 = ("onnx-int8", "openvino-int8", "openvino-int8-f32", "openvino-int8-full")
+INT8 = ("onnx-int8", "openvino-int8", "openvino-int8-f32", "openvino-int8-full", "openvino-int8-full-f32")
 SHORT = {"short": (8, 288, 512), "tiny-batch": (32, 16, 128)}  # texts, shortest and longest row
 PLAIN_OV_XML = "plain-openvino/model.xml"
 GIB = long_context.GIB
@@ -110,8 +113,8 @@ def load_engine(engine: str, workdir: Path, threads: int, profile: bool = False)
         options.profile_file_prefix = str(workdir / "ort_profile")
         encoder = runtimes.load(workdir / engine, backend="onnx", session_options=options)
     elif engine.startswith("openvino"):
-        # openvino-int8-f32: the int8-weights folder run in fp32 arithmetic, as on a CPU without bf16.
-        folder, dtype = (workdir / "openvino-int8", "fp32") if engine == "openvino-int8-f32" else (workdir / engine, None)
+        # *-f32: the int8 folder run in fp32 arithmetic, as on a CPU without bf16.
+        folder, dtype = workdir / engine.removesuffix("-f32"), "fp32" if engine.endswith("-f32") else None
         encoder = runtimes.load(folder, backend="openvino", threads=threads, dtype=dtype,
                                 properties={"PERF_COUNT": True} if profile else None)
     else:
@@ -206,11 +209,12 @@ def prepare(spec: dict) -> None:
         elif engine == "onnx-int8":
             export(checkpoint, workdir / engine, OnnxTarget(precision="int8", min_int8_speedup=0), verify=False,
                    log=quiet)
-        elif engine in ("openvino-int8", "openvino-int8-full") or (
-                engine == "openvino-int8-f32" and "openvino-int8" not in spec["engines"]):
-            quantization = "full" if engine.endswith("full") else "weights"
-            export(checkpoint, workdir / engine.replace("-f32", ""), OpenVINOTarget(
-                precision="int8", quantization=quantization, min_int8_speedup=0), verify=False, log=quiet)
+        elif engine.startswith("openvino-int8"):
+            folder = workdir / engine.removesuffix("-f32")
+            if not folder.exists():
+                quantization = "full" if folder.name.endswith("full") else "weights"
+                export(checkpoint, folder, OpenVINOTarget(precision="int8", quantization=quantization,
+                                                          min_int8_speedup=0), verify=False, log=quiet)
         elif engine.startswith("openvino"):
             export(checkpoint, workdir / engine, OpenVINOTarget(precision=engine.split("-")[1]), verify=False,
                    log=quiet)
@@ -323,8 +327,14 @@ def in_child(mode: str, spec: dict) -> str:
 
 
 def same_engine_fp32(engine: str) -> str | None:
-    """The fp32 engine an int8 engine is compared with: the same runtime's."""
-    return f"{engine.split('-')[0]}-fp32" if engine in INT8 else None
+    """The fp32 export an int8 engine is compared with: the same runtime's, at the same arithmetic."""
+    if engine not in INT8:
+        return None
+    if engine.startswith("onnx") or engine.endswith("-f32"):
+        return f"{engine.split('-')[0]}-fp32"
+    from runtimes.cpu_features import bf16_support
+
+    return "openvino-bf16" if bf16_support() else "openvino-fp32"
 
 
 def add_ratios(rows: list[dict]) -> None:

@@ -1,17 +1,19 @@
 """``dewey-export``: export a Dewey checkpoint for a target, package an export for Triton, re-check an export.
 
     dewey-export onnx     --model CKPT --out DIR [--device cpu|gpu] [--precision fp32|fp16|bf16|int8]
-    dewey-export openvino --model CKPT --out DIR [--precision fp32|bf16|int8] [--quantization weights|full]
+    dewey-export openvino --model CKPT --out DIR [--precision fp32|bf16|int8]
+                          [--quantization weights|full]
     dewey-export trt      --model CKPT --out DIR [--precision fp32|fp16|bf16] [--buckets ...]
     dewey-export triton   EXPORT_DIR --out REPO [--engine onnx|trt]
     dewey-export verify   EXPORT_DIR [--model CKPT]
 
 Exit codes (runtimes.errors): 0 ok; 1 verification failed (parity, the quality gate of a
 reduced-precision export, an int8 export whose quantized operators do not run or that is not faster
-than fp32, export files that differ from their manifest, or a Triton source whose reports failed); 2 bad usage or input (missing or corrupt model folder or manifest, an output path that
-exists and may not be replaced, or cannot be written, a runtime that is not installed, a build step
-that failed). ``--to X`` (the one-command form of earlier releases) still works for one release, with a
-deprecation note.
+than fp32, export files that differ from their manifest, or a Triton source whose reports failed); 2
+bad usage or input (missing or corrupt model folder or manifest, an output path that exists and may
+not be replaced, or cannot be written, a runtime that is not installed, a build step that failed).
+``--to X`` (the one-command form of earlier releases) still works for one release, with a deprecation
+note.
 """
 
 from __future__ import annotations

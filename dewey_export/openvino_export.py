@@ -165,7 +165,7 @@ class OpenVINOTarget:
                 convert(onnx_path, fp32_folder, "fp32", SOURCE_GRAPH.opset, lambda message: None)
                 reports["int8"] = self._execution_check(fp32_folder, folder, reference.config, log)
         log(f"  {self.arithmetic} arithmetic, {self.weights} weights"
-            + (f", int8 activations" if self.quantization == "full" else ""))
+            + (", int8 activations" if self.quantization == "full" else ""))
         return Built(OPENVINO_KEY, description, self.arithmetic, SOURCE_GRAPH.form,
                      attention_description(SOURCE_GRAPH, traced.pooling), seconds, reports=reports)
 
@@ -176,7 +176,7 @@ class OpenVINOTarget:
 
         from runtimes.backends.openvino_backend import OpenVINOBackend
 
-        from .quantize import execution_report, float_tail_scope, measure_speedup, openvino_executed, speed_batch
+        from .quantize import execution_report, measure_speedup, openvino_executed, speed_batch
 
         log("Checking that the int8 IR runs in int8, and faster than the fp32 IR on this machine")
         int8 = OpenVINOBackend(folder / OPENVINO_XML_FILE, precision=self.arithmetic)
@@ -316,6 +316,25 @@ def _descendants(node) -> list:
                 found.append(consumer)
                 stack.append(consumer)
     return found
+
+
+def float_tail_scope(model) -> list[str]:
+    """Friendly names of the nodes full int8 keeps in float: the token-embedding Gather (data from a 2-d
+    float constant, the vocabulary table), the final LayerNorm (the last MVN in topological order) and
+    every node computed from it (its scale, span pooling, the head)."""
+    names, last_mvn = [], None
+    for node in model.get_ordered_ops():
+        kind = node.get_type_name()
+        if kind == "Gather":
+            data = node.input_value(0)
+            if _is_constant(data) and data.get_element_type().is_real() \
+                    and data.get_partial_shape().rank.get_length() == 2:
+                names.append(node.get_friendly_name())
+        elif kind == "MVN":
+            last_mvn = node
+    if last_mvn is None:
+        raise ExportError("the OpenVINO graph has no LayerNorm (MVN) node: not a ModernBERT graph")
+    return names + [last_mvn.get_friendly_name()] + [n.get_friendly_name() for n in _descendants(last_mvn)]
 
 
 def mark_nodes(xml_path: Path, names: set[str]) -> None:

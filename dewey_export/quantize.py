@@ -220,38 +220,6 @@ OV_INT8_TYPES = ("u8", "i8")
 INT8_CAPABILITY = "INT8"
 
 
-def _ov_consumers(node) -> list:
-    return [target.get_node() for output in node.outputs() for target in output.get_target_inputs()]
-
-
-def float_tail_scope(model) -> list[str]:
-    """Friendly names of an OpenVINO model's nodes that full int8 keeps in float: the token-embedding
-    Gather (data from a 2-d float constant, the vocabulary table), the final LayerNorm (the last MVN in
-    topological order) and every node computed from it (its scale, span pooling, the head)."""
-    names, last_mvn = [], None
-    for node in model.get_ordered_ops():
-        kind = node.get_type_name()
-        if kind == "Gather":
-            data = node.input_value(0)
-            if data.get_node().get_type_name() == "Constant" and data.get_element_type().is_real() \
-                    and data.get_partial_shape().rank.get_length() == 2:
-                names.append(node.get_friendly_name())
-        elif kind == "MVN":
-            last_mvn = node
-    if last_mvn is None:
-        raise ExportError("the OpenVINO graph has no LayerNorm (MVN) node: not a ModernBERT graph")
-    names.append(last_mvn.get_friendly_name())
-    stack, seen = [last_mvn], set()
-    while stack:
-        for consumer in _ov_consumers(stack.pop()):
-            name = consumer.get_friendly_name()
-            if name not in seen and consumer.get_type_name() != "Result":
-                seen.add(name)
-                names.append(name)
-                stack.append(consumer)
-    return names
-
-
 def calibration_inputs(source, rows=CALIBRATION_ROWS, seed: int = 0) -> list[dict]:
     """Backend-contract inputs (batch 1) of real text for calibration: for each (tokens, count), ``count``
     documents of the built-in corpus's training split with at least 3/4 of ``tokens`` tokens, cut to
@@ -284,14 +252,18 @@ def calibration_inputs(source, rows=CALIBRATION_ROWS, seed: int = 0) -> list[dic
     return inputs
 
 
-def quantize_openvino_full(model, calibration: list[dict], alpha: float = SMOOTH_QUANT_ALPHA):
+def quantize_openvino_full(model, calibration: list[dict], alpha: float | None = None):
     """int8 activations and weights for the encoder's linear layers and activation products (nncf's
-    post-training quantization, transformer preset, SmoothQuant at ``alpha``), the embeddings, the final
-    LayerNorm and the output stage kept in float; returns the quantized model and its description."""
+    post-training quantization, transformer preset, SmoothQuant at ``alpha``: None, SMOOTH_QUANT_ALPHA;
+    negative, off), the embeddings, the final LayerNorm and the output stage kept in float; returns the
+    quantized model and its description."""
     import logging
 
     import nncf
 
+    from .openvino_export import float_tail_scope
+
+    alpha = SMOOTH_QUANT_ALPHA if alpha is None else alpha
     logging.getLogger("nncf").setLevel(logging.WARNING)
     kept = float_tail_scope(model)
     quantized = nncf.quantize(
@@ -301,7 +273,8 @@ def quantize_openvino_full(model, calibration: list[dict], alpha: float = SMOOTH
             smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=alpha)),
     )
     return quantized, {"weights": "int8", "activations": "int8",
-                       "method": f"nncf.quantize (transformer preset, SmoothQuant alpha {alpha})",
+                       "method": "nncf.quantize (transformer preset, "
+                                 + (f"SmoothQuant alpha {alpha})" if alpha >= 0 else "no SmoothQuant)"),
                        "calibration": [list(r) for r in CALIBRATION_ROWS], "float_nodes": len(kept)}
 
 
