@@ -83,10 +83,24 @@ def outputs(*names):
     return [httpclient.InferRequestedOutput(name) for name in names]
 
 
-def statistics(client, model: str) -> tuple[int, int]:
-    """(requests answered, executions) of ``model`` so far, from the server's statistics."""
-    stats = client.get_inference_statistics(model)["model_stats"][0]
-    return int(stats["inference_stats"]["success"]["count"]), int(stats["execution_count"])
+def statistics(client, model: str, timeout_s: float = 10.0) -> tuple[int, int]:
+    """(requests answered, executions) of ``model`` so far, from the server's statistics, once they
+    have settled: the server may count a request after its answer has reached the client (a Python
+    backend model does), so one read right after a request can miss it. Reads until two reads
+    0.2 s apart agree, for at most ``timeout_s``."""
+    def read() -> tuple[int, int]:
+        stats = client.get_inference_statistics(model)["model_stats"][0]
+        return int(stats["inference_stats"]["success"]["count"]), int(stats["execution_count"])
+
+    deadline = time.monotonic() + timeout_s
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        current = read()
+        if current == last:
+            return current
+        last = current
+    return last
 
 
 # -- the repository, without a server -------------------------------------------------------------
